@@ -1,0 +1,131 @@
+"""Patch values for each source node: what an edge carries when it is ablated."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Dict, Literal, Optional, Union
+
+import torch
+
+from funcpatch.data import PromptDataLoader
+from funcpatch.forward import record_src_outs
+
+
+class AblationType(Enum):
+    """What replaces a source's output on an ablated edge.
+
+    RESAMPLE: the source's output on the corrupt input.
+    ZERO: zeros.
+    TOKENWISE_MEAN_{CLEAN,CORRUPT,CLEAN_AND_CORRUPT}: per-position mean over the whole
+        dataset's clean / corrupt / both prompts.
+    BATCH_TOKENWISE_MEAN: per-position mean over the current batch.
+    BATCH_ALL_TOK_MEAN: mean over the current batch and all positions.
+    """
+
+    RESAMPLE = 1
+    ZERO = 2
+    TOKENWISE_MEAN_CLEAN = 3
+    TOKENWISE_MEAN_CORRUPT = 4
+    TOKENWISE_MEAN_CLEAN_AND_CORRUPT = 5
+    BATCH_TOKENWISE_MEAN = 6
+    BATCH_ALL_TOK_MEAN = 7
+
+    def __str__(self) -> str:
+        return self.name.replace("_", " ").title()
+
+    @property
+    def mean_over_dataset(self) -> bool:
+        return self in (AblationType.TOKENWISE_MEAN_CLEAN, AblationType.TOKENWISE_MEAN_CORRUPT,
+                        AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT)
+
+    @property
+    def clean_dataset(self) -> bool:
+        return self in (AblationType.TOKENWISE_MEAN_CLEAN, AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT)
+
+    @property
+    def corrupt_dataset(self) -> bool:
+        return self in (AblationType.TOKENWISE_MEAN_CORRUPT, AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT)
+
+    @property
+    def batch_specific(self) -> bool:
+        """Whether the values depend on which batch (clean or corrupt) they are computed on."""
+        return self in (AblationType.RESAMPLE, AblationType.BATCH_TOKENWISE_MEAN, AblationType.BATCH_ALL_TOK_MEAN)
+
+
+def as_ablation_type(x: Union[AblationType, str]) -> AblationType:
+    if isinstance(x, AblationType):
+        return x
+    try:
+        return AblationType[str(x).upper()]
+    except KeyError:
+        raise ValueError(f"unknown ablation type {x!r}; valid: {[a.name for a in AblationType]}") from None
+
+
+def _src_outs(pm, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    with torch.no_grad():
+        return record_src_outs(pm, tokens, **kwargs)[1]
+
+
+def src_ablations(pm, sample: Union[torch.Tensor, PromptDataLoader],
+                  ablation_type: Union[AblationType, str] = AblationType.RESAMPLE) -> torch.Tensor:
+    """Patch values for every source: ``[n_srcs, batch, seq, d_model]``.
+
+    Args:
+        sample: one batch of model inputs, or (for the TOKENWISE_MEAN types, which
+            average over a whole dataset) a :class:`PromptDataLoader`.
+        ablation_type: see :class:`AblationType`.
+    """
+    ablation_type = as_ablation_type(ablation_type)
+    if ablation_type.mean_over_dataset:
+        if not isinstance(sample, PromptDataLoader):
+            raise TypeError(f"{ablation_type.name} averages over a dataset: pass a PromptDataLoader, "
+                            f"got {type(sample).__name__}")
+        total, n, batch = None, 0, 0
+        for b in sample:
+            inputs = ([b.clean] if ablation_type.clean_dataset else []) + \
+                     ([b.corrupt] if ablation_type.corrupt_dataset else [])
+            for x in inputs:
+                outs = _src_outs(pm, x, b.attention_mask)
+                s = outs.sum(dim=1, keepdim=True)
+                total = s if total is None else total + s
+                n += outs.shape[1]
+                batch = max(batch, outs.shape[1])
+        mean = total / n
+        return mean.expand(mean.shape[0], batch, *mean.shape[2:]).contiguous()
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"{ablation_type.name} is computed on one batch: pass a tensor of model inputs, "
+                        f"got {type(sample).__name__}")
+    outs = _src_outs(pm, sample)
+    if ablation_type == AblationType.RESAMPLE:
+        return outs
+    if ablation_type == AblationType.ZERO:
+        return torch.zeros_like(outs)
+    if ablation_type == AblationType.BATCH_TOKENWISE_MEAN:
+        return outs.mean(dim=1, keepdim=True).expand_as(outs).contiguous()
+    return outs.mean(dim=(1, 2), keepdim=True).expand_as(outs).contiguous()  # BATCH_ALL_TOK_MEAN
+
+
+def batch_src_ablations(pm, dataloader: PromptDataLoader,
+                        ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
+                        clean_corrupt: Optional[Literal["clean", "corrupt"]] = None) -> Dict[int, torch.Tensor]:
+    """:func:`src_ablations` for each batch of ``dataloader``, keyed by ``batch.key``.
+
+    ``clean_corrupt`` picks the prompts the batch-specific types (RESAMPLE,
+    BATCH_TOKENWISE_MEAN, BATCH_ALL_TOK_MEAN) are computed on; it must be None for
+    the others, as in the seed library.
+    """
+    ablation_type = as_ablation_type(ablation_type)
+    if ablation_type.batch_specific and clean_corrupt not in ("clean", "corrupt"):
+        raise ValueError(f"{ablation_type.name} depends on the batch: pass clean_corrupt='clean' or 'corrupt', "
+                         f"got {clean_corrupt!r}")
+    if not ablation_type.batch_specific and clean_corrupt is not None:
+        raise ValueError(f"{ablation_type.name} does not use clean_corrupt; pass None, got {clean_corrupt!r}")
+    if ablation_type.mean_over_dataset:
+        mean = src_ablations(pm, dataloader, ablation_type)
+        return {b.key: mean[:, : b.clean.shape[0]] for b in dataloader}
+    out = {}
+    for b in dataloader:
+        x = b.clean if ablation_type == AblationType.ZERO or clean_corrupt == "clean" else b.corrupt
+        out[b.key] = src_ablations(pm, x, ablation_type)
+    return out

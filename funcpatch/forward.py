@@ -1,0 +1,165 @@
+"""The pure patched forward pass.
+
+During one call each source's output is recorded, and each destination's input
+becomes ``input + sum_src mask[..., src] * (patch_src_outs[src] - src_out[src])`` over
+its incoming sources, where ``src_out`` is the source's output *in this same forward*.
+The mask-weighted sum is one einsum over the stacked differences, which the Q, K and
+V destinations of a layer share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from funcpatch.graph import DestModule, SrcModule
+from funcpatch.runtime import Visitor, activated, visiting
+from funcpatch.state import PatchState, effective_mask
+
+
+def _src_out(src: SrcModule, output: torch.Tensor) -> torch.Tensor:
+    """Source module output -> ``[n_srcs_here, batch, seq, ...]``."""
+    return output.unsqueeze(0) if src.head_dim is None else output.movedim(src.head_dim, 0)
+
+
+def _incoming(pm, dest: DestModule) -> Tuple[SrcModule, ...]:
+    a, b = dest.in_srcs
+    return tuple(s for s in pm.graph.src_modules if a <= s.srcs[0] and s.srcs[1] <= b)
+
+
+@dataclass
+class _Role:
+    name: str
+    dest: Optional[DestModule] = None
+    src: Optional[SrcModule] = None
+
+
+class Recorder(Visitor):
+    """Records every source's output (a plain forward)."""
+
+    def __init__(self, pm, modules: Mapping[str, nn.Module]):
+        self.pm = pm
+        self.roles: Dict[nn.Module, _Role] = {m: _Role(n) for n, m in modules.items()}
+        for s in pm.graph.src_modules:
+            self.roles[modules[s.module_name]].src = s
+        for d in pm.graph.dest_modules:
+            self.roles[modules[d.module_name]].dest = d
+        self.outs: Dict[str, torch.Tensor] = {}
+
+    def visit(self, role, output):
+        src = role.src
+        if src is not None:
+            self.outs[src.module_name] = _src_out(src, output)
+        return output
+
+    def stacked(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Recorded outputs of sources with src_idx in [lo, hi): ``[n, batch, seq, d]``."""
+        hi = len(self.pm.graph.srcs) if hi is None else hi
+        parts = []
+        for s in self.pm.graph.src_modules:
+            if lo <= s.srcs[0] and s.srcs[1] <= hi:
+                if s.module_name not in self.outs:
+                    raise RuntimeError(f"source module {s.module_name} had not run when it was needed: the graph's "
+                                       "layer order does not match the model's execution order")
+                parts.append(self.outs[s.module_name])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class Patcher(Recorder):
+    """Records sources and patches destinations according to a :class:`PatchState`."""
+
+    def __init__(self, pm, modules, state: PatchState):
+        super().__init__(pm, modules)
+        self.state = state
+        self.diffs: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.carried: Dict[str, torch.Tensor] = {}
+
+    def visit(self, role, output):
+        carried = self.carried.pop(role.name, None)
+        if carried is not None:
+            output = output + carried
+        dest = role.dest
+        if dest is not None and dest.in_srcs[1] > dest.in_srcs[0]:
+            delta = self.delta(dest, output)
+            output = output + delta
+            # Where the hook only observes the residual (a bridge's resid_mid is the
+            # second norm's input), the change must also reach the residual downstream.
+            to = self.pm.backend.carry_to(role.name)
+            if to is not None:
+                self.carried[to] = delta
+        return super().visit(role, output)
+
+    def diff(self, dest: DestModule) -> torch.Tensor:
+        key = dest.in_srcs
+        d = self.diffs.get(key)
+        if d is None:
+            curr = self.stacked(*key)
+            patch = self.state.patch_src_outs[key[0]:key[1]]
+            if patch.shape[2:] != curr.shape[2:] or patch.shape[1] not in (1, curr.shape[1]):
+                raise ValueError(f"patch_src_outs has per-source shape {tuple(patch.shape[1:])} but the model's "
+                                 f"source outputs have shape {tuple(curr.shape[1:])} (batch, seq, ...); "
+                                 "compute the patch values on inputs of the same shape")
+            d = self.diffs[key] = patch - curr
+        return d
+
+    def delta(self, dest: DestModule, x: torch.Tensor) -> torch.Tensor:
+        mask = effective_mask(self.state, dest.module_name)
+        base_ndim = len(dest.mask_shape(self.pm.graph.seq_len))
+        if mask.dim() not in (base_ndim, base_ndim + 1):
+            raise ValueError(f"mask for {dest.module_name} has shape {tuple(mask.shape)}; expected "
+                             f"{dest.mask_shape(self.pm.graph.seq_len)} (optionally with a leading batch dim)")
+        batch = "b" if mask.dim() == base_ndim + 1 else ""
+        seq = "" if self.pm.graph.seq_len is None else "p"
+        head = "" if dest.n_heads is None else "h"
+        out = torch.einsum(f"{batch}{seq}{head}s,sbp...->bp{head}...", mask, self.diff(dest))
+        return out.to(x.dtype)
+
+
+def _run(pm, visitor_factory, args, kwargs, params):
+    with activated(pm) as modules:
+        visitor = visitor_factory(modules)
+        with visiting(visitor):
+            if params is None:
+                out = pm.model(*args, **kwargs)
+            else:
+                out = functional_call(pm.model, params, args, kwargs, strict=False)
+    return out, visitor
+
+
+def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, torch.Tensor]] = None,
+                    **kwargs):
+    """Run ``pm.model(*args, **kwargs)`` with the edges patched as ``state`` says.
+
+    Pure: the output depends only on the arguments, and the model is left exactly as
+    it was (also when the call raises). With ``params`` (name -> tensor, any subset of
+    the model's parameters and buffers) the model runs through
+    ``torch.func.functional_call`` with those values, so gradients w.r.t. weights flow.
+    Composes with ``torch.func.vmap``/``grad``/``jvp``/``jacrev``.
+
+    Returns the model's full output (apply ``pm.out_slice`` to score a task).
+    """
+    if not isinstance(state, PatchState):
+        raise TypeError(f"state must be a funcpatch.PatchState (fp.init_state), got {type(state).__name__}")
+    if state.patch_src_outs is None:
+        raise ValueError("state has no patch values: call fp.patch_mode(pm, state, patch_src_outs) first "
+                         "(patch_src_outs from fp.src_ablations)")
+    expected = {m.module_name: m.mask_shape(pm.graph.seq_len) for m in pm.graph.dest_modules}
+    if set(state.masks) != set(expected):
+        raise ValueError(f"state.masks keys do not match this graph's destination modules: "
+                         f"missing {sorted(set(expected) - set(state.masks))}, "
+                         f"unexpected {sorted(set(state.masks) - set(expected))}")
+    if state.patch_src_outs.shape[0] != len(pm.graph.srcs):
+        raise ValueError(f"patch_src_outs has {state.patch_src_outs.shape[0]} sources, the graph has "
+                         f"{len(pm.graph.srcs)}")
+    out, _ = _run(pm, lambda modules: Patcher(pm, modules, state), args, kwargs, params)
+    return out
+
+
+def record_src_outs(pm, *args, params=None, **kwargs) -> Tuple[object, torch.Tensor]:
+    """A plain forward that also returns every source's output ``[n_srcs, batch, seq, d]``."""
+    out, rec = _run(pm, lambda modules: Recorder(pm, modules), args, kwargs, params)
+    return out, rec.stacked()
