@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -491,6 +491,26 @@ def _flat_pairs(prune_scores: Mapping[str, torch.Tensor], reference: Mapping[str
     return flat_s, flat_l
 
 
+def _roc_counts(prune_scores, reference_edges_mask):
+    """(FP counts, TP counts, n_neg, n_pos) at each distinct threshold, from the empty
+    circuit to all edges; the counts are int64 tensors."""
+    s, lab = _flat_pairs(prune_scores, reference_edges_mask)
+    n_pos = int(lab.sum())
+    n_neg = lab.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"reference_edges_mask has {n_pos} true and {n_neg} false edges; ROC needs at least one of each"
+        )
+    order = torch.argsort(s, descending=True, stable=True)
+    s, lab = s[order], lab[order]
+    tp = torch.cumsum(lab.to(torch.int64), 0)
+    fp = torch.cumsum((~lab).to(torch.int64), 0)
+    # the last index of each run of equal scores: the circuit at that threshold
+    ends = torch.cat([torch.nonzero(s[1:] != s[:-1]).reshape(-1), torch.tensor([s.numel() - 1])])
+    zero = torch.zeros(1, dtype=torch.int64)
+    return torch.cat([zero, fp[ends]]), torch.cat([zero, tp[ends]]), n_neg, n_pos
+
+
 def roc(
     prune_scores: Mapping[str, torch.Tensor], reference_edges_mask: Mapping[str, torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -514,30 +534,17 @@ def roc(
         ValueError: mismatched modules/shapes, NaN scores, or a reference with no true
             edge or no false edge (a rate would be 0/0).
     """
-    s, lab = _flat_pairs(prune_scores, reference_edges_mask)
-    n_pos = int(lab.sum())
-    n_neg = lab.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"reference_edges_mask has {n_pos} true and {n_neg} false edges; ROC needs at least one of each"
-        )
-    order = torch.argsort(s, descending=True, stable=True)
-    s, lab = s[order], lab[order]
-    tp = torch.cumsum(lab.to(torch.float64), 0)
-    fp = torch.cumsum((~lab).to(torch.float64), 0)
-    # the last index of each run of equal scores: the circuit at that threshold
-    ends = torch.cat([torch.nonzero(s[1:] != s[:-1]).reshape(-1), torch.tensor([s.numel() - 1])])
-    zero = torch.zeros(1, dtype=torch.float64)
-    tpr = torch.cat([zero, tp[ends] / n_pos])
-    fpr = torch.cat([zero, fp[ends] / n_neg])
-    return fpr, tpr
+    fp, tp, n_neg, n_pos = _roc_counts(prune_scores, reference_edges_mask)
+    return fp.to(torch.float64) / n_neg, tp.to(torch.float64) / n_pos
 
 
 def roc_auc(prune_scores: Mapping[str, torch.Tensor], reference_edges_mask: Mapping[str, torch.Tensor]) -> float:
     """Area under :func:`roc` (trapezoid over FPR): 1 for a perfect ranking, 0 for the
     reversed one, 0.5 when all scores are tied."""
-    fpr, tpr = roc(prune_scores, reference_edges_mask)
-    return float(torch.trapezoid(tpr, fpr))
+    fp, tp, n_neg, n_pos = _roc_counts(prune_scores, reference_edges_mask)
+    # trapezoid rule on integer counts (exact), then one division
+    twice_area = int((fp.diff() * (tp[1:] + tp[:-1])).sum())
+    return twice_area / (2 * n_neg * n_pos)
 
 
 # --------------------------------------------------------------------------------------
