@@ -109,10 +109,20 @@ def _selection(x: Tensor, sl: tuple, where: str) -> Tensor:
         )
     d = 0
     for e in sl:
-        if isinstance(e, slice) and x.shape[d] > 0 and len(range(*e.indices(x.shape[d]))) == 0:
+        size = x.shape[d]
+        problem = None
+        if isinstance(e, slice) and size > 0 and len(range(*e.indices(size))) == 0:
+            problem = f"{e} selects nothing"
+        elif isinstance(e, int) and not -size <= e < size:
+            problem = f"index {e} is out of range"
+        elif isinstance(e, Tensor) and e.dtype != torch.bool and e.numel():
+            lo, hi = int(e.min()), int(e.max())
+            if lo < -size or hi >= size:
+                problem = f"indices {e.tolist()} are out of range"
+        if problem:
             raise PatchError(
-                f"slice {_fmt(sl)} at {where}: {e} selects nothing on dim {d} of size "
-                f"{x.shape[d]} (shape {list(x.shape)})"
+                f"slice {_fmt(sl)} at {where}: {problem} on dim {d} of size {size} "
+                f"(shape {list(x.shape)})"
             )
         d += e.ndim if isinstance(e, Tensor) and e.dtype == torch.bool else 1
     flat = torch.arange(math.prod(x.shape), device=x.device).reshape(x.shape)
@@ -121,7 +131,7 @@ def _selection(x: Tensor, sl: tuple, where: str) -> Tensor:
         return flat[sl]
     except IndexError as err:
         raise PatchError(
-            f"slice {_fmt(sl)} is out of range at {where} (shape {list(x.shape)}): {err}"
+            f"slice {_fmt(sl)} does not fit the target at {where} (shape {list(x.shape)}): {err}"
         ) from None
 
 
