@@ -7,11 +7,12 @@ from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.graph import DestNode, Edge, Graph, SrcNode
 from funcpatch.models import MicroModel
 from funcpatch.patchable import PatchableModel, patchable
+from funcpatch.backends import MissingHooksError
 from funcpatch.state import (MaskNoise, PatchState, edge_masks, effective_mask, init_state, mask_fn_mode,
                              patch_mode, sample_mask_noise, set_all_masks)
 
 __all__ = [
-    "AblationType", "DestNode", "Edge", "Graph", "MaskNoise", "MicroModel", "PatchState", "PatchableModel",
+    "AblationType", "DestNode", "MissingHooksError", "Edge", "Graph", "MaskNoise", "MicroModel", "PatchState", "PatchableModel",
     "PromptDataLoader", "PromptDataset", "PromptPairBatch", "SrcNode", "batch_src_ablations", "edge_masks",
     "effective_mask", "init_state", "mask_fn_mode", "models", "patch_mode", "patchable", "patched_forward",
     "record_src_outs", "sample_mask_noise", "set_all_masks", "src_ablations",

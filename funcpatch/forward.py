@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from funcpatch.graph import DestModule, SrcModule
-from funcpatch.runtime import Visitor, activated, visiting
+from funcpatch.runtime import Visitor, activated, serialized, visiting
 from funcpatch.state import PatchState, effective_mask
 
 
@@ -120,7 +120,7 @@ class Patcher(Recorder):
 
 
 def _run(pm, visitor_factory, args, kwargs, params):
-    with activated(pm) as modules:
+    with activated(pm) as modules, serialized(pm):
         visitor = visitor_factory(modules)
         with visiting(visitor):
             if params is None:
@@ -152,6 +152,11 @@ def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, 
         raise ValueError(f"state.masks keys do not match this graph's destination modules: "
                          f"missing {sorted(set(expected) - set(state.masks))}, "
                          f"unexpected {sorted(set(state.masks) - set(expected))}")
+    for k, shape in expected.items():
+        got = tuple(state.masks[k].shape)
+        if got != shape and got[1:] != shape:
+            raise ValueError(f"mask for {k} has shape {got}; this graph needs {shape} "
+                             "(optionally with a leading batch dim)")
     if state.patch_src_outs.shape[0] != len(pm.graph.srcs):
         raise ValueError(f"patch_src_outs has {state.patch_src_outs.shape[0]} sources, the graph has "
                          f"{len(pm.graph.srcs)}")

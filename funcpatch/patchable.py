@@ -112,6 +112,10 @@ def patchable(model: nn.Module, *, factorized: bool = True, separate_qkv: Option
         flags: Tuple[str, ...] = ()
     else:
         separate_qkv = True if separate_qkv is None else bool(separate_qkv)
+        if shape.n_key_value_heads not in (None, shape.n_heads):
+            raise ValueError(f"grouped-query attention ({shape.n_heads} query heads share {shape.n_key_value_heads} "
+                             "key/value heads) is not supported: per-head K/V destinations do not exist; "
+                             "use a model with n_key_value_heads == n_heads")
         srcs, dests = transformer_nodes(shape.n_layers, shape.n_heads, factorized=factorized,
                                         separate_qkv=separate_qkv, attn_only=shape.attn_only,
                                         parallel_attn_mlp=shape.parallel_attn_mlp)

@@ -86,6 +86,22 @@ def activated(pm):
             _release(key)
 
 
+_MODEL_LOCKS: Dict[int, threading.RLock] = {}
+
+
+@contextmanager
+def serialized(pm):
+    """Run one forward at a time on models whose forward keeps per-call state on its
+    modules (TransformerBridge's per-head attention path does)."""
+    if pm.backend.reentrant_forward:
+        yield
+        return
+    with _LOCK:
+        lock = _MODEL_LOCKS.setdefault(id(pm.model), threading.RLock())
+    with lock:
+        yield
+
+
 @contextmanager
 def visiting(visitor: Visitor):
     token = _CURRENT.set(visitor)

@@ -84,13 +84,14 @@ torch_pytree.register_pytree_node(
     flatten_with_keys_fn=lambda n: ([(torch_pytree.GetAttrKey("concrete"), n.concrete),
                                      (torch_pytree.GetAttrKey("dropout"), n.dropout)], None),
 )
+# optree's unflatten takes (metadata, children), torch's (children, metadata).
 optree.register_pytree_node(
     PatchState, lambda s: (*_flatten_state(s), ("masks", "patch_src_outs", "noise")),
-    _unflatten_state, namespace=OPTREE_NAMESPACE,
+    lambda aux, children: _unflatten_state(children, aux), namespace=OPTREE_NAMESPACE,
 )
 optree.register_pytree_node(
     MaskNoise, lambda n: ((n.concrete, n.dropout), None, ("concrete", "dropout")),
-    _unflatten_noise, namespace=OPTREE_NAMESPACE,
+    lambda aux, children: _unflatten_noise(children, aux), namespace=OPTREE_NAMESPACE,
 )
 
 
