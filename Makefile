@@ -1,0 +1,38 @@
+# Two environments: TransformerLens 4.x (TransformerBridge only) and 3.9 (also HookedTransformer).
+PYTHON ?= python3
+TL4 ?= 4.3.0
+TL3 ?= 3.9.0
+VENV ?= .venv-tl4
+TL ?= $(TL4)
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: setup discover test test-env bench clean
+
+# One environment: torch's CPU build (pinned: an unpinned torch pulls a CUDA build), then the package.
+$(VENV)/.ready-$(TL): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[test]" "transformer-lens==$(TL)"
+	touch $@
+
+setup: $(VENV)/.ready-$(TL)
+
+# The main job: discover a circuit on a model the project ships.
+discover: setup
+	$(VENV)/bin/funcpatch discover
+
+# The whole suite (notebooks included) in both TransformerLens environments.
+test:
+	$(MAKE) test-env VENV=.venv-tl4 TL=$(TL4)
+	$(MAKE) test-env VENV=.venv-tl3 TL=$(TL3)
+
+test-env: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(VENV)/bin/python benchmarks/run.py
+
+clean:
+	rm -rf .venv-tl4 .venv-tl3 out
