@@ -1,10 +1,15 @@
 """funcpatch: functional edge patching and circuit discovery over torch.func."""
 
-from funcpatch import models
+from funcpatch import metrics, models
 from funcpatch.ablation import AblationType, batch_src_ablations, src_ablations
 from funcpatch.data import PromptDataLoader, PromptDataset, PromptPairBatch
 from funcpatch.forward import patched_forward, record_src_outs
+from funcpatch.edge_counts import (EdgeCounts, PruneScores, TestEdges, desc_prune_scores, edge_counts_util,
+                                   prune_scores_threshold)
 from funcpatch.graph import DestNode, Edge, Graph, SrcNode
+from funcpatch.intervene import TargetError, intervene, targets
+from funcpatch.patches import (AddPatch, CustomPatch, Patch, PatchError, ProbePatch, RecordPatch, ReplacePatch,
+                               TensorSlice, ZeroPatch)
 from funcpatch.models import MicroModel
 from funcpatch.patchable import PatchableModel, patchable
 from funcpatch.backends import MissingHooksError
@@ -12,6 +17,9 @@ from funcpatch.state import (MaskNoise, PatchState, edge_masks, effective_mask, 
                              patch_mode, sample_mask_noise, set_all_masks)
 
 __all__ = [
+    "AddPatch", "CustomPatch", "EdgeCounts", "Patch", "PatchError", "ProbePatch", "PruneScores", "RecordPatch",
+    "ReplacePatch", "TargetError", "TensorSlice", "TestEdges", "ZeroPatch", "desc_prune_scores", "edge_counts_util",
+    "intervene", "metrics", "prune_scores_threshold", "targets",
     "AblationType", "DestNode", "MissingHooksError", "Edge", "Graph", "MaskNoise", "MicroModel", "PatchState", "PatchableModel",
     "PromptDataLoader", "PromptDataset", "PromptPairBatch", "SrcNode", "batch_src_ablations", "edge_masks",
     "effective_mask", "init_state", "mask_fn_mode", "models", "patch_mode", "patchable", "patched_forward",
