@@ -1,0 +1,296 @@
+"""Evaluate circuits: run the model with only a circuit's edges (or only the rest) patched.
+
+A *circuit of size k* is read off prune scores with the tie rule of
+:mod:`funcpatch.edge_counts`: every edge whose ``|score|`` is ``>=`` the ``|score|`` of the
+k-th highest edge. :func:`run_circuits` runs each batch once per requested size and
+returns the outputs, keyed by the circuit's *real* size (larger than k when scores are
+tied at the threshold).
+
+This module also holds the small helpers the prune algorithms share: materialising a
+dataloader's batches, the model keyword arguments of a batch, and the patch values of a
+batch for an ablation type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+from typing import Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.func import vmap
+from tqdm.auto import tqdm
+
+from funcpatch.ablation import AblationType, as_ablation_type, src_ablations
+from funcpatch.edge_counts import desc_prune_scores, prune_scores_threshold
+from funcpatch.forward import patched_forward, record_src_outs
+from funcpatch.state import init_state, patch_mode
+
+PruneScores = Dict[str, torch.Tensor]
+#: ``{real edge count: {batch.key: model output[pm.out_slice]}}``
+CircuitOutputs = Dict[int, Dict[int, torch.Tensor]]
+
+__all__ = ["PatchType", "CircuitOutputs", "run_circuits", "circuit_masks"]
+
+
+class PatchType(Enum):
+    """Which edges :func:`run_circuits` patches.
+
+    EDGE_PATCH: patch the circuit's edges. The model runs on the corrupt prompt and the
+        circuit's edges carry the ablation computed on the clean prompt, so with
+        RESAMPLE the empty circuit is the corrupt run and the full circuit the clean run.
+    TREE_PATCH: patch the edges *not* in the circuit. The model runs on the clean prompt
+        and every other edge carries the ablation computed on the corrupt prompt.
+    """
+
+    EDGE_PATCH = 1
+    TREE_PATCH = 2
+
+    def __str__(self) -> str:
+        return self.name.replace("_", " ").title()
+
+
+def as_patch_type(x: Union[PatchType, str]) -> PatchType:
+    if isinstance(x, PatchType):
+        return x
+    try:
+        return PatchType[str(x).upper()]
+    except KeyError:
+        raise ValueError(f"unknown patch_type {x!r}; valid: {[p.name for p in PatchType]}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Helpers shared with funcpatch.algos
+
+
+def progress_bar(iterable=None, *, progress: bool, desc: str = "", total: Optional[int] = None):
+    """A tqdm bar, silent with ``progress=False``."""
+    return tqdm(iterable, desc=desc, total=total, disable=not progress, leave=False)
+
+
+def materialize_batches(dataloader, what: str = "dataloader") -> List:
+    """The batches of ``dataloader`` as a list (iterated once), checked to be prompt-pair batches.
+
+    Any re-iterable of :class:`funcpatch.PromptPairBatch` works (a PromptDataLoader, or a
+    plain list of batches, e.g. for MicroModel whose inputs are float vectors).
+    """
+    if dataloader is None:
+        raise TypeError(f"{what} must be a PromptDataLoader or an iterable of PromptPairBatch, got None")
+    try:
+        batches = list(dataloader)
+    except TypeError:
+        raise TypeError(f"{what} must be a PromptDataLoader or an iterable of PromptPairBatch, "
+                        f"got {type(dataloader).__name__}") from None
+    if not batches:
+        raise ValueError(f"{what} yielded no batches: at least one batch of prompt pairs is needed")
+    for i, b in enumerate(batches):
+        missing = [a for a in ("key", "clean", "corrupt", "answers", "wrong_answers") if not hasattr(b, a)]
+        if missing:
+            raise TypeError(f"{what} batch {i} is a {type(b).__name__} without {missing}: expected a "
+                            "funcpatch.PromptPairBatch")
+        if b.clean.shape != b.corrupt.shape:
+            raise ValueError(f"{what} batch {i}: clean {tuple(b.clean.shape)} and corrupt "
+                             f"{tuple(b.corrupt.shape)} prompts must have the same shape")
+    return batches
+
+
+def forward_kwargs(batch, which: Literal["clean", "corrupt"]) -> Dict[str, torch.Tensor]:
+    """Model keyword arguments for ``batch``'s clean or corrupt prompts: the attention mask
+    of padded prompts (``attention_mask`` / ``corrupt_attention_mask``), else nothing."""
+    mask = getattr(batch, "attention_mask", None)
+    if which == "corrupt" and getattr(batch, "corrupt_attention_mask", None) is not None:
+        mask = batch.corrupt_attention_mask
+    return {} if mask is None else {"attention_mask": mask}
+
+
+def resolve_clean_corrupt(ablation_type: AblationType, clean_corrupt: Optional[str]) -> Optional[str]:
+    """Which prompts a batch's ablation is computed on (None for the dataset-wide and ZERO types).
+
+    The batch-specific types (RESAMPLE, BATCH_TOKENWISE_MEAN, BATCH_ALL_TOK_MEAN) need
+    "clean" or "corrupt". The others do not use it: None or the default "corrupt" are
+    accepted, "clean" is an error (it could not be honoured).
+    """
+    if ablation_type.batch_specific:
+        if clean_corrupt not in ("clean", "corrupt"):
+            raise ValueError(f"{ablation_type.name} is computed per batch: clean_corrupt must be 'clean' or "
+                             f"'corrupt', got {clean_corrupt!r}")
+        return clean_corrupt
+    if clean_corrupt not in (None, "corrupt"):
+        raise ValueError(f"{ablation_type.name} does not depend on the batch's prompts: pass clean_corrupt=None "
+                         f"(got {clean_corrupt!r})")
+    return None
+
+
+def dataset_mean_ablation(pm, dataloader, ablation_type: AblationType) -> Optional[torch.Tensor]:
+    """The dataset-wide patch values of the TOKENWISE_MEAN types, else None."""
+    if not ablation_type.mean_over_dataset:
+        return None
+    return src_ablations(pm, dataloader, ablation_type)
+
+
+def batch_patch_values(pm, batch, which: Optional[str], ablation_type: AblationType,
+                       dataset_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Patch values ``[n_srcs, batch, seq, d]`` for one batch.
+
+    ``which`` ("clean" / "corrupt") picks the prompts the batch-specific types are computed
+    on; ZERO uses the clean prompts for shapes only; the dataset-wide means come from
+    ``dataset_mean`` (:func:`dataset_mean_ablation`). Padded prompts run with their
+    attention mask.
+    """
+    n = batch.clean.shape[0]
+    if ablation_type.mean_over_dataset:
+        if dataset_mean is None:
+            raise ValueError(f"{ablation_type.name} needs the dataset mean (dataset_mean_ablation)")
+        return dataset_mean[:, :n]
+    which = which or "clean"
+    tokens = batch.clean if which == "clean" else batch.corrupt
+    kwargs = forward_kwargs(batch, which)
+    if not kwargs:
+        return src_ablations(pm, tokens, ablation_type)
+    with torch.no_grad():
+        outs = record_src_outs(pm, tokens, **kwargs)[1]
+    if ablation_type == AblationType.RESAMPLE:
+        return outs
+    if ablation_type == AblationType.ZERO:
+        return torch.zeros_like(outs)
+    if ablation_type == AblationType.BATCH_TOKENWISE_MEAN:
+        return outs.mean(dim=1, keepdim=True).expand_as(outs).contiguous()
+    return outs.mean(dim=(1, 2), keepdim=True).expand_as(outs).contiguous()
+
+
+def check_prune_scores(pm, prune_scores: Mapping[str, torch.Tensor]) -> None:
+    """``prune_scores`` must have exactly ``pm``'s mask keys and shapes."""
+    if not isinstance(prune_scores, Mapping):
+        raise TypeError(f"prune_scores must be a dict (dest module name -> tensor), got {type(prune_scores).__name__}")
+    expected = {m.module_name: m.mask_shape(pm.graph.seq_len) for m in pm.graph.dest_modules}
+    missing, extra = sorted(set(expected) - set(prune_scores)), sorted(set(prune_scores) - set(expected))
+    if missing or extra:
+        raise ValueError(f"prune_scores keys do not match the graph's destination modules: missing {missing}, "
+                         f"unexpected {extra}")
+    for k, shape in expected.items():
+        if tuple(prune_scores[k].shape) != tuple(shape):
+            raise ValueError(f"prune_scores[{k!r}] has shape {tuple(prune_scores[k].shape)}; the graph's mask "
+                             f"has shape {tuple(shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Circuits
+
+
+def circuit_masks(pm, prune_scores: Mapping[str, torch.Tensor], edge_count: int,
+                  patch_type: Union[PatchType, str] = PatchType.EDGE_PATCH,
+                  desc_scores: Optional[torch.Tensor] = None) -> Tuple[Dict[str, torch.Tensor], int]:
+    """Masks that patch the circuit of (nominal) size ``edge_count``, and its real size.
+
+    The circuit is every edge with ``|score| >= threshold`` (the ``edge_count``-th highest
+    ``|score|``; ``+inf`` for 0 edges), so ties at the threshold are all included.
+    EDGE_PATCH: mask 1 on the circuit; TREE_PATCH: mask 1 everywhere else.
+
+    Returns:
+        ``({dest module: mask [seq?, heads?, n_in_srcs]}, real circuit size)``; the masks
+        have the model's dtype and device whatever the scores' are.
+    """
+    patch_type = as_patch_type(patch_type)
+    desc = desc_prune_scores(prune_scores) if desc_scores is None else desc_scores
+    threshold = prune_scores_threshold(desc, edge_count)
+    template = init_state(pm).masks
+    masks, size = {}, 0
+    for m in pm.graph.dest_modules:
+        scores = prune_scores[m.module_name]
+        like = template[m.module_name]
+        in_circuit = scores.abs() >= threshold.to(scores.device)
+        size += int(in_circuit.sum())
+        keep = in_circuit if patch_type == PatchType.EDGE_PATCH else ~in_circuit
+        masks[m.module_name] = keep.to(dtype=like.dtype, device=like.device)
+    return masks, size
+
+
+def _stack(mask_sets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([m[k] for m in mask_sets]) for k in mask_sets[0]}
+
+
+def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: Mapping[str, torch.Tensor],
+                 patch_type: Union[PatchType, str] = PatchType.EDGE_PATCH,
+                 ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
+                 reverse_clean_corrupt: bool = False, render_graph: bool = False, progress: bool = True,
+                 vmap_sizes: bool = False, vmap_chunk_size: Optional[int] = None) -> CircuitOutputs:
+    """Run every batch with each circuit size in ``test_edge_counts`` patched.
+
+    Semantics (auto-circuit's ``run_circuits``): with EDGE_PATCH the model runs on the
+    *corrupt* prompts and the circuit's edges are patched with the ablation computed on
+    the *clean* prompts; with TREE_PATCH it runs on the *clean* prompts and the edges
+    outside the circuit are patched with the ablation computed on the *corrupt* prompts.
+    ``reverse_clean_corrupt`` swaps the two roles. The dataset-wide ablation types are
+    computed once over ``dataloader``. With RESAMPLE, for both patch types, 0 edges gives
+    the corrupt run and all edges the clean run (with ``reverse_clean_corrupt``: the
+    other way round); in between they differ (a patched edge carries the other run's
+    source output, an unpatched one the source output of the patched run itself).
+
+    Ties: the circuit of nominal size k holds every edge whose ``|score|`` equals the k-th
+    highest, and the outputs are keyed by that real size.
+
+    Args:
+        pm: the patchable model.
+        dataloader: a PromptDataLoader (or an iterable of PromptPairBatch).
+        test_edge_counts: nominal circuit sizes, each in ``[0, n_edges]``
+            (see :func:`funcpatch.edge_counts.edge_counts_util`).
+        prune_scores: PruneScores (dest module -> ``[seq?, heads?, n_in_srcs]``).
+        patch_type: PatchType (or its name).
+        ablation_type: AblationType (or its name).
+        reverse_clean_corrupt: swap the clean and corrupt prompts (input and patches).
+        render_graph: not supported (funcpatch has no graph renderer); True raises.
+        progress: show tqdm progress bars.
+        vmap_sizes: evaluate all sizes of a batch in one ``torch.func.vmap`` call over
+            stacked masks (same outputs as the sequential loop; memory grows with the
+            number of sizes, bounded by ``vmap_chunk_size``).
+
+    Returns:
+        ``{real edge count: {batch.key: model output[pm.out_slice]}}`` (detached), sizes in
+        the order of ``test_edge_counts``.
+    """
+    if render_graph:
+        raise NotImplementedError("render_graph=True: funcpatch has no graph renderer; plot the circuit yourself")
+    patch_type = as_patch_type(patch_type)
+    ablation_type = as_ablation_type(ablation_type)
+    check_prune_scores(pm, prune_scores)
+    counts = list(test_edge_counts)
+    batches = materialize_batches(dataloader)
+    desc = desc_prune_scores(prune_scores)
+    circuits = [circuit_masks(pm, prune_scores, c, patch_type, desc) for c in counts]  # validates the counts
+
+    # unique real sizes, in the order first requested (equal sizes mean equal circuits)
+    unique: Dict[int, Dict[str, torch.Tensor]] = {}
+    for masks, size in circuits:
+        unique.setdefault(size, masks)
+    sizes = list(unique)
+
+    run_on_clean = (patch_type == PatchType.TREE_PATCH) != bool(reverse_clean_corrupt)
+    input_which = "clean" if run_on_clean else "corrupt"
+    patch_which = "corrupt" if run_on_clean else "clean"
+    dataset_mean = dataset_mean_ablation(pm, dataloader, ablation_type)
+
+    out: CircuitOutputs = {s: {} for s in sizes}
+    template = init_state(pm)
+    stacked = _stack([unique[s] for s in sizes]) if vmap_sizes else None
+    bar = progress_bar(total=len(batches) * len(sizes), progress=progress, desc="Running circuits")
+    with torch.no_grad():
+        for batch in batches:
+            tokens = batch.clean if input_which == "clean" else batch.corrupt
+            kwargs = forward_kwargs(batch, input_which)
+            patch = batch_patch_values(pm, batch, patch_which, ablation_type, dataset_mean)
+            state = patch_mode(pm, template, patch)
+
+            def run(masks, state=state, tokens=tokens, kwargs=kwargs):
+                return patched_forward(pm, dataclasses.replace(state, masks=masks), tokens, **kwargs)[pm.out_slice]
+
+            if vmap_sizes:
+                outs = vmap(run, chunk_size=vmap_chunk_size)(stacked)
+                for i, s in enumerate(sizes):
+                    out[s][batch.key] = outs[i].detach().clone()
+                bar.update(len(sizes))
+            else:
+                for s in sizes:
+                    out[s][batch.key] = run(unique[s]).detach().clone()
+                    bar.update(1)
+    bar.close()
+    return out
