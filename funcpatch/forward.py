@@ -111,7 +111,8 @@ class Patcher(Recorder):
                 raise ValueError(f"patch_src_outs has per-source shape {tuple(patch.movedim(2, 0).shape[1:])} but "
                                  f"source {src.module_name} outputs {tuple(chunk.movedim(2, 0).shape[1:])} "
                                  "(batch, seq, ...); compute the patch values on inputs of the same shape")
-            self.diffs[src.module_name] = patch - chunk
+            # rsub keeps the (contiguous) activation layout, so joining chunks is a cheap copy
+            self.diffs[src.module_name] = torch.rsub(chunk, patch)
         return output
 
     def compute_deltas(self, dest: DestModule) -> None:
