@@ -116,7 +116,8 @@ def snapshot(model):
 
 def assert_pure(model, before, empty=True):
     """Weights unchanged and no hooks left; ``empty``: no module has any hook at all."""
-    from funcpatch import intervene as iv
+    import importlib
+    iv = importlib.import_module("funcpatch.intervene")  # the module: fp.intervene is the function
 
     state, hooks = before
     after = model.state_dict()
