@@ -68,13 +68,16 @@ def _src_outs(pm, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
 
 
 def src_ablations(pm, sample: Union[torch.Tensor, PromptDataLoader],
-                  ablation_type: Union[AblationType, str] = AblationType.RESAMPLE) -> torch.Tensor:
+                  ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
+                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Patch values for every source: ``[n_srcs, batch, seq, d_model]``.
 
     Args:
         sample: one batch of model inputs, or (for the TOKENWISE_MEAN types, which
             average over a whole dataset) a :class:`PromptDataLoader`.
         ablation_type: see :class:`AblationType`.
+        attention_mask: ``[batch, seq]`` for a padded batch (a dataloader's batches
+            carry their own).
     """
     ablation_type = as_ablation_type(ablation_type)
     if ablation_type.mean_over_dataset:
@@ -96,7 +99,7 @@ def src_ablations(pm, sample: Union[torch.Tensor, PromptDataLoader],
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"{ablation_type.name} is computed on one batch: pass a tensor of model inputs, "
                         f"got {type(sample).__name__}")
-    outs = _src_outs(pm, sample)
+    outs = _src_outs(pm, sample, attention_mask)
     if ablation_type == AblationType.RESAMPLE:
         return outs
     if ablation_type == AblationType.ZERO:
