@@ -1,7 +1,8 @@
 """funcpatch: functional edge patching and circuit discovery over torch.func."""
 
-from funcpatch import metrics, models
+from funcpatch import algos, metrics, models
 from funcpatch.ablation import AblationType, batch_src_ablations, src_ablations
+from funcpatch.circuits import CircuitOutputs, PatchType, circuit_masks, run_circuits
 from funcpatch.data import PromptDataLoader, PromptDataset, PromptPairBatch
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.edge_counts import (EdgeCounts, PruneScores, TestEdges, desc_prune_scores, edge_counts_util,
@@ -19,7 +20,8 @@ from funcpatch.state import (MaskNoise, PatchState, edge_masks, effective_mask, 
 __all__ = [
     "AddPatch", "CustomPatch", "EdgeCounts", "Patch", "PatchError", "ProbePatch", "PruneScores", "RecordPatch",
     "ReplacePatch", "TargetError", "TensorSlice", "TestEdges", "ZeroPatch", "desc_prune_scores", "edge_counts_util",
-    "intervene", "metrics", "prune_scores_threshold", "targets",
+    "intervene", "metrics", "prune_scores_threshold", "targets", "algos", "CircuitOutputs", "PatchType",
+    "circuit_masks", "run_circuits",
     "AblationType", "DestNode", "MissingHooksError", "Edge", "Graph", "MaskNoise", "MicroModel", "PatchState", "PatchableModel",
     "PromptDataLoader", "PromptDataset", "PromptPairBatch", "SrcNode", "batch_src_ablations", "edge_masks",
     "effective_mask", "init_state", "mask_fn_mode", "models", "patch_mode", "patchable", "patched_forward",
