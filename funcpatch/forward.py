@@ -3,8 +3,8 @@
 During one call each source's output is recorded, and each destination's input
 becomes ``input + sum_src mask[..., src] * (patch_src_outs[src] - src_out[src])`` over
 its incoming sources, where ``src_out`` is the source's output *in this same forward*.
-The mask-weighted sum is one einsum over the stacked differences, which the Q, K and
-V destinations of a layer share.
+The mask-weighted sum is one matrix product over the differences, shared by the
+destinations that read the same sources (a layer's Q, K and V inputs).
 """
 
 from __future__ import annotations
@@ -26,9 +26,16 @@ def _src_out(src: SrcModule, output: torch.Tensor) -> torch.Tensor:
     return output.unsqueeze(0) if src.head_dim is None else output.movedim(src.head_dim, 0)
 
 
-def _incoming(pm, dest: DestModule) -> Tuple[SrcModule, ...]:
-    a, b = dest.in_srcs
-    return tuple(s for s in pm.graph.src_modules if a <= s.srcs[0] and s.srcs[1] <= b)
+def _recorded(pm, store: Dict[str, torch.Tensor], lo: int, hi: int, needed_by: str):
+    """What ``store`` holds for the source modules with src_idx in [lo, hi), in order."""
+    parts = []
+    for s in pm.graph.src_modules:
+        if lo <= s.srcs[0] and s.srcs[1] <= hi:
+            if s.module_name not in store:
+                raise RuntimeError(f"source module {s.module_name} had not run before {needed_by}: the graph's "
+                                   "layer order does not match the model's execution order")
+            parts.append(store[s.module_name])
+    return parts
 
 
 @dataclass
@@ -59,13 +66,7 @@ class Recorder(Visitor):
     def stacked(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         """Recorded outputs of sources with src_idx in [lo, hi): ``[n, batch, seq, d]``."""
         hi = len(self.pm.graph.srcs) if hi is None else hi
-        parts = []
-        for s in self.pm.graph.src_modules:
-            if lo <= s.srcs[0] and s.srcs[1] <= hi:
-                if s.module_name not in self.outs:
-                    raise RuntimeError(f"source module {s.module_name} had not run when it was needed: the graph's "
-                                       "layer order does not match the model's execution order")
-                parts.append(self.outs[s.module_name])
+        parts = _recorded(self.pm, self.outs, lo, hi, "the end of the forward")
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -133,13 +134,7 @@ class Patcher(Recorder):
             lead = torch.broadcast_shapes(*(m.shape[:-2] for m in masks))
             masks = [m.expand(*lead, *m.shape[-2:]) for m in masks]
         mask = torch.cat(masks, dim=-2) if len(masks) > 1 else masks[0]  # [batch, pos, heads_total, n_in]
-        chunks = []
-        for s in g.src_modules:
-            if dest.in_srcs[0] <= s.srcs[0] and s.srcs[1] <= dest.in_srcs[1]:
-                if s.module_name not in self.diffs:
-                    raise RuntimeError(f"source module {s.module_name} had not run before {dest.module_name}: the "
-                                       "graph's layer order does not match the model's execution order")
-                chunks.append(self.diffs[s.module_name])
+        chunks = _recorded(self.pm, self.diffs, *dest.in_srcs, dest.module_name)
         diff = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]  # [batch, pos, n_in, d]
         total = torch.matmul(mask, diff)  # [batch, pos, heads_total, d]
         start = 0
