@@ -52,7 +52,11 @@ def by_name(pm, scores):
     return {e.name: e.prune_score(scores).item() for e in pm.graph.edges}
 
 
-def sequential_acdc(pm, batch, taus, target):
+def by_name_pos(pm, scores):
+    return {(e.name, e.seq_idx): e.prune_score(scores).item() for e in pm.graph.edges}
+
+
+def sequential_acdc(pm, batch, taus, target, by_pos=False):
     """A plain one-circuit-at-a-time ACDC written from the paper's description."""
     patch = fp.src_ablations(pm, batch.corrupt)
     with torch.no_grad():
@@ -75,7 +79,8 @@ def sequential_acdc(pm, batch, taus, target):
                 removed.append(e)
                 prev = faith
                 best[e] = min(best[e], tau)
-    return {e.name: float(torch.tensor(v, dtype=torch.float32)) for e, v in best.items()}
+    return {((e.name, e.seq_idx) if by_pos else e.name): float(torch.tensor(v, dtype=torch.float32))
+            for e, v in best.items()}
 
 
 @pytest.mark.parametrize("target", ["kl_div", "mse"])
@@ -97,6 +102,16 @@ def test_batched_equals_sequential(micro, target):
 def test_self_check_micro(micro):
     scores = acdc(micro, [micro_batch()], test_mode=True, progress=False)
     assert {k: v.shape for k, v in scores.items()} == {k: v.shape for k, v in fp.init_state(micro).masks.items()}
+
+
+@pytest.mark.parametrize("kw", [dict(seq_len=3), dict(factorized=False), dict(seq_len=3, factorized=False)])
+def test_token_and_residual_graphs(kw):
+    pm = fp.patchable(fp.MicroModel(2), slice_output="last_seq", **kw)
+    taus = [3e-4, 3e-3, 3e-2]
+    got = acdc(pm, [micro_batch()], taus=taus, test_mode=True, progress=False)
+    assert by_name_pos(pm, got) == pytest.approx(sequential_acdc(pm, micro_batch(), taus, "kl_div", by_pos=True),
+                                                 rel=1e-6)
+    assert any(math.isfinite(v) for v in by_name_pos(pm, got).values())
 
 
 def test_self_check_catches_a_wrong_evaluation(micro, monkeypatch):

@@ -102,6 +102,7 @@ def acdc_taus(tao_exps: Sequence[numbers.Real] = DEFAULT_TAO_EXPS,
               tao_bases: Sequence[numbers.Real] = DEFAULT_TAO_BASES) -> List[float]:
     """The thresholds ``[base * 10**exp for base, exp in product(tao_bases, tao_exps)]``
     (the seed's order: bases outer, exponents inner)."""
+    grids = []
     for what, xs in (("tao_exps", tao_exps), ("tao_bases", tao_bases)):
         if isinstance(xs, (str, bytes)) or not hasattr(xs, "__iter__"):
             raise TypeError(f"{what} must be a sequence of numbers, got {type(xs).__name__}")
@@ -111,7 +112,9 @@ def acdc_taus(tao_exps: Sequence[numbers.Real] = DEFAULT_TAO_EXPS,
         bad = [x for x in xs if isinstance(x, bool) or not isinstance(x, numbers.Real) or math.isnan(x)]
         if bad:
             raise TypeError(f"{what} must hold real numbers, got {bad}")
-    return [a * 10 ** b for a, b in product(tao_bases, tao_exps)]
+        grids.append(xs)
+    exps, bases = grids
+    return [a * 10 ** b for a, b in product(bases, exps)]
 
 
 def acdc_edge_order(pm: PatchableModel) -> Tuple[Edge, ...]:
@@ -124,14 +127,34 @@ def acdc_edge_order(pm: PatchableModel) -> Tuple[Edge, ...]:
 # Evaluating many circuits in one forward
 
 
+def lean_output_kwargs(pm, tokens, kwargs, full_out) -> Dict[str, int]:
+    """``{"logits_to_keep": 1}`` when the model accepts it and ``pm.out_slice`` only reads
+    the last position (transformers causal LMs through a TransformerBridge): the
+    unembedding then runs on the last position only. Probed on ``tokens`` and kept only
+    if the last-position output is unchanged; ``{}`` otherwise.
+    """
+    if pm.slice_output != "last_seq" or not pm.is_transformer:
+        return {}
+    try:
+        with torch.no_grad():
+            out = pm.model(tokens, logits_to_keep=1, **kwargs)
+    except Exception:  # the model does not take the argument: run it as it is
+        return {}
+    if (not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[1] != 1
+            or out[pm.out_slice].shape != full_out.shape or not torch.allclose(out[pm.out_slice], full_out)):
+        return {}
+    return {"logits_to_keep": 1}
+
+
 class _Evaluator:
     """Faithfulness of circuits given as boolean "removed" vectors over ``pm.graph.edges``.
 
     ``evaluate(removed [K, n_edges] bool) -> (faith [K] list of floats, outs [K, batch, ...])``.
     """
 
-    def __init__(self, pm, tokens, kwargs, patch, clean_out, target, max_rows):
+    def __init__(self, pm, tokens, kwargs, patch, clean_out, target, max_rows, lean_kwargs):
         self.pm, self.tokens, self.kwargs, self.patch = pm, tokens, kwargs, patch
+        self.lean_kwargs = lean_kwargs
         self.clean_out, self.target = clean_out, target
         self.batch = tokens.shape[0]
         self.max_k = max(1, max_rows // self.batch)
@@ -164,7 +187,8 @@ class _Evaluator:
         state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self._tile(self.patch, k, 1))
         kwargs = {name: self._tile(v, k) for name, v in self.kwargs.items()}
         with torch.no_grad():
-            out = patched_forward(self.pm, state, self._tile(self.tokens, k), **kwargs)[self.pm.out_slice]
+            out = patched_forward(self.pm, state, self._tile(self.tokens, k), **kwargs,
+                                  **self.lean_kwargs)[self.pm.out_slice]
         return out.reshape(k, self.batch, *out.shape[1:])
 
     def faith(self, outs: torch.Tensor) -> torch.Tensor:
@@ -302,7 +326,8 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
         per_row = max(1, patch[:, :1].numel())
         max_batch_rows = max(tokens.shape[0], _ROW_BUDGET // per_row)
     rows = max_batch_rows
-    ev = _Evaluator(pm, tokens, kwargs, patch, clean_out, faithfulness_target, rows)
+    ev = _Evaluator(pm, tokens, kwargs, patch, clean_out, faithfulness_target, rows,
+                    lean_output_kwargs(pm, tokens, kwargs, clean_out))
     edges = pm.graph.edges
     position = {e: i for i, e in enumerate(edges)}
     order = [position[e] for e in acdc_edge_order(pm)]
@@ -315,7 +340,7 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
             return patched_forward(pm, state, tokens, **kwargs)[pm.out_slice]
 
     bar = progress_bar(progress=progress, desc="ACDC", total=n * len(runs))
-    n_forward_steps = 0
+    n_steps = 0
     try:
         active = [r for r in runs if r.ptr < n]
         while active:
@@ -339,7 +364,7 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
                         cur[j] = True
                 plans.append((r, slots))
             faiths, outs = ev.evaluate(torch.stack(cands), keep_outputs=test_mode)
-            n_forward_steps += 1
+            n_steps += 1
             decided = 0
             for r, slots in plans:
                 predicted = r.last_accept
@@ -369,7 +394,7 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
                         break
             bar.update(decided)
             active = [r for r in active if r.ptr < n]
-            bar.set_postfix_str(f"forwards={n_forward_steps}, runs left={len(active)}", refresh=False)
+            bar.set_postfix_str(f"batched steps={n_steps}, runs left={len(active)}", refresh=False)
     finally:
         bar.close()
     return [AcdcRun(r.tau, tuple(edges[i] for i in r.order_removed), r.prev) for r in runs]

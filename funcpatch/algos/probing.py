@@ -43,6 +43,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Union
 import torch
 
 from funcpatch.ablation import AblationType, as_ablation_type
+from funcpatch.algos.acdc import lean_output_kwargs
 from funcpatch.circuits import batch_patch_values, forward_kwargs, materialize_batches, progress_bar
 from funcpatch.edge_counts import prune_scores_threshold
 from funcpatch.forward import patched_forward, record_src_outs
@@ -264,6 +265,7 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
             return [pm.model(b.clean, **forward_kwargs(b, "clean"))[pm.out_slice].detach() for b in bs]
 
     clean_logits = clean_logits_of(batches)
+    lean = lean_output_kwargs(pm, batches[0].clean, forward_kwargs(batches[0], "clean"), clean_logits[0])
     patches = _patch_values(pm, batches, ablation_type, clean_corrupt, tree)
     if val_batches is not None:
         val_clean = clean_logits_of(val_batches)
@@ -291,7 +293,7 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
             inputs = batch.clean if tree else batch.corrupt
             noise = noise_for(inputs.shape[0])
             state = state_for(masks, patches[i], noise)
-            logits = patched_forward(pm, state, inputs, **forward_kwargs(batch, which_in))[pm.out_slice]
+            logits = patched_forward(pm, state, inputs, **forward_kwargs(batch, which_in), **lean)[pm.out_slice]
             faith = _faithfulness(faithfulness_target, logits, clean_logits[i], batch)
 
             flat = torch.cat([p.reshape(-1) for p in params])
@@ -329,7 +331,7 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
                 with torch.no_grad():
                     vstate = state_for({m: p.detach() for m, p in masks.items()}, val_patches[j],
                                        noise_for(vin.shape[0]))
-                    vlogits = patched_forward(pm, vstate, vin, **forward_kwargs(vb, which_in))[pm.out_slice]
+                    vlogits = patched_forward(pm, vstate, vin, **forward_kwargs(vb, which_in), **lean)[pm.out_slice]
                     pct = logit_diff_percent(vlogits, val_clean[j], vb.answers, vb.wrong_answers, "logprob",
                                              per_prompt=True)
                 result.val_faithfulness.append(pct.mean().item())
