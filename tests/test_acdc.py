@@ -38,6 +38,16 @@ SEED_SCORES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and does not stall when
+    the (shared, 2-core) machine is busy, as OpenMP's spinning threads do."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def micro_batch(scale=0.05):
     answers = torch.zeros(3, 1, dtype=torch.long)
     return fp.PromptPairBatch(0, 0, CLEAN * scale, CORRUPT * scale, answers, answers + 1)
@@ -193,7 +203,7 @@ def test_independent_of_python_hash_seed():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs = []
     for hash_seed in ("1", "12345"):
-        env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=root)
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=root, OMP_NUM_THREADS="1")
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         outs.append(res.stdout)

@@ -33,6 +33,16 @@ SEED_CP = {  # circuit_probing_prune_scores(mask_fn="sigmoid", circuit_sizes=[3,
     "B1.1->Resid End": 2.0}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and does not stall when
+    the (shared, 2-core) machine is busy, as OpenMP's spinning threads do."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def batches(n=1):
     answers = torch.zeros(3, 1, dtype=torch.long)
     return [fp.PromptPairBatch(i, 0, CLEAN * (1 + 0.1 * i), CORRUPT * (1 - 0.1 * i), answers, answers + 1)
