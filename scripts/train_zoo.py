@@ -75,8 +75,12 @@ def build_gpt2(vocab_size: int, n_positions: int, d_model: int, n_layer: int, n_
     cfg = GPT2Config(
         vocab_size=vocab_size, n_positions=n_positions, n_embd=d_model, n_layer=n_layer,
         n_head=n_head, n_inner=n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
+        bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False,
     )
+    # No pad_token_id in the model config: with one set, transformers checks the inputs for
+    # padding inside forward, a data-dependent branch that torch.func.vmap cannot run.
+    # Padding is the tokenizer's business (its pad token) and the attention mask's.
+    cfg.pad_token_id = None
     return GPT2LMHeadModel(cfg)
 
 
