@@ -52,13 +52,18 @@ class AblationType(Enum):
         return self in (AblationType.RESAMPLE, AblationType.BATCH_TOKENWISE_MEAN, AblationType.BATCH_ALL_TOK_MEAN)
 
 
-def as_ablation_type(x: Union[AblationType, str]) -> AblationType:
-    if isinstance(x, AblationType):
+def enum_member(cls, x, what: str):
+    """``x`` as a member of the enum ``cls`` (a member, or its name in any case)."""
+    if isinstance(x, cls):
         return x
     try:
-        return AblationType[str(x).upper()]
+        return cls[str(x).upper()]
     except KeyError:
-        raise ValueError(f"unknown ablation type {x!r}; valid: {[a.name for a in AblationType]}") from None
+        raise ValueError(f"unknown {what} {x!r}; valid: {[m.name for m in cls]}") from None
+
+
+def as_ablation_type(x: Union[AblationType, str]) -> AblationType:
+    return enum_member(AblationType, x, "ablation type")
 
 
 def _src_outs(pm, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:

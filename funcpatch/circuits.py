@@ -21,7 +21,7 @@ import torch
 from torch.func import vmap
 from tqdm.auto import tqdm
 
-from funcpatch.ablation import AblationType, as_ablation_type, src_ablations
+from funcpatch.ablation import AblationType, as_ablation_type, enum_member, src_ablations
 from funcpatch.edge_counts import desc_prune_scores, prune_scores_threshold
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.state import init_state, patch_mode
@@ -51,12 +51,7 @@ class PatchType(Enum):
 
 
 def as_patch_type(x: Union[PatchType, str]) -> PatchType:
-    if isinstance(x, PatchType):
-        return x
-    try:
-        return PatchType[str(x).upper()]
-    except KeyError:
-        raise ValueError(f"unknown patch_type {x!r}; valid: {[p.name for p in PatchType]}") from None
+    return enum_member(PatchType, x, "patch_type")
 
 
 # --------------------------------------------------------------------------------------

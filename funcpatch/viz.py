@@ -26,6 +26,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from matplotlib.figure import Figure
 
+from funcpatch.circuits import check_prune_scores
+
 __all__ = [
     "POS_COLOR", "NEG_COLOR", "NODE_COLOR", "IDLE_NODE_COLOR", "MIN_EDGE_WIDTH", "MAX_EDGE_WIDTH",
     "CircuitEdge", "PlotFigure", "circuit_edges", "node_key", "edge_width",
@@ -63,20 +65,6 @@ class CircuitEdge:
     score: float
 
 
-def _check_scores(pm, prune_scores: Mapping[str, torch.Tensor]) -> None:
-    if not isinstance(prune_scores, Mapping):
-        raise TypeError(f"prune_scores must be a dict (dest module name -> tensor), got {type(prune_scores).__name__}")
-    expected = {m.module_name: m.mask_shape(pm.graph.seq_len) for m in pm.graph.dest_modules}
-    missing, extra = sorted(set(expected) - set(prune_scores)), sorted(set(prune_scores) - set(expected))
-    if missing or extra:
-        raise ValueError(f"prune_scores keys do not match the graph's destination modules: missing {missing}, "
-                         f"unexpected {extra}")
-    for k, shape in expected.items():
-        got = tuple(prune_scores[k].shape)
-        if got != tuple(shape):
-            raise ValueError(f"prune_scores[{k!r}] has shape {got}; the graph's mask has shape {tuple(shape)}")
-
-
 def _check_n_edges(n_edges, available: int) -> int:
     if n_edges is None:
         return available
@@ -104,7 +92,7 @@ def circuit_edges(pm, prune_scores: Mapping[str, torch.Tensor], n_edges: Optiona
     Raises:
         ValueError: keys/shapes that do not match ``pm``'s masks, NaN scores.
     """
-    _check_scores(pm, prune_scores)
+    check_prune_scores(pm, prune_scores)
     flat: Dict[Tuple[str, Optional[int]], List] = {}
     merge = merge_positions and pm.graph.seq_len is not None
     cache = {k: v.detach().to(torch.float64).cpu() for k, v in prune_scores.items()}
