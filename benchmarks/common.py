@@ -23,6 +23,9 @@ SEED = 0
 # (1519 edges) one tau takes minutes there, so the ACDC row uses this smaller model.
 ACDC_WORKLOAD = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
 ACDC_TAUS = (1e-3, 1e-2)
+# on request (run.py --only acdc_wide): the full workload's width, 2 layers, one tau
+ACDC_WIDE_WORKLOAD = dict(n_layer=2, n_embd=256, n_head=8, vocab_size=1000, n_positions=64)
+ACDC_WIDE_TAUS = (1e-2,)
 THREADS = 2
 
 

@@ -161,9 +161,9 @@ class Server:
             torch.save(by_edge_name(self.pm, out["s"]), self.path("peer_eap.pt"))
         return {"times": times}
 
-    def cmd_acdc_init(self, _):
-        self.acdc_pm, _, _ = build(self.path("acdc_model.pt"))
-        self.acdc_dl, _ = dataloader(self.path("acdc_data.pt"))
+    def cmd_acdc_init(self, c):
+        self.acdc_pm, _, _ = build(self.path(c.get("model", "acdc_model.pt")))
+        self.acdc_dl, _ = dataloader(self.path(c.get("data", "acdc_data.pt")))
         return {"n_edges": len(self.acdc_pm.edges)}
 
     def cmd_acdc(self, c):

@@ -214,6 +214,19 @@ def interleave(fns, reps: int, warmup: int = 1):
     return {k: C.median(v) for k, v in times.items()}, times
 
 
+PHASES = ("forward", "memory", "eap", "acdc", "vmap", "circuits", "acdc_wide")
+DEFAULT_PHASES = PHASES[:-1]  # acdc_wide takes minutes in auto-circuit: only on request
+
+
+def wait_for_load(limit_s: float, below: float = 2.0) -> float:
+    """Sleep until the 1-minute load average is below ``below`` (at most ``limit_s``)."""
+    import time
+    t0 = time.time()
+    while limit_s > 0 and os.getloadavg()[0] >= below and time.time() - t0 < limit_s:
+        time.sleep(10)
+    return time.time() - t0
+
+
 def load_avg() -> str:
     try:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -261,6 +274,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 repetitions instead of 7 (smoke test)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 7)")
     ap.add_argument("--out", default=os.path.join(HERE, "results.md"), help="markdown output file")
+    ap.add_argument("--only", nargs="+", choices=PHASES, default=list(DEFAULT_PHASES),
+                    help=f"run only these measurements (default: {' '.join(DEFAULT_PHASES)})")
+    ap.add_argument("--wait-load", type=float, default=0, metavar="SECONDS",
+                    help="first wait (at most SECONDS) until the 1-minute load average is below 2")
     ap.add_argument("--mem", nargs=2, metavar=("KIND", "WORKDIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mem:
@@ -269,18 +286,20 @@ def main():
     import funcpatch as fp
     C.setup_threads()
     reps = args.reps or (3 if args.quick else 7)
+    only = set(args.only)
+    waited = wait_for_load(args.wait_load)
     t_start = datetime.datetime.now()
     load_before = load_avg()
+    loads = []  # 1-minute load average at the start of each phase
     workdir = tempfile.mkdtemp(prefix="funcpatch-bench-")
     notes, checks = [], []
     def log(*a):
+        loads.append(os.getloadavg()[0])
         print(f"[{(datetime.datetime.now() - t_start).total_seconds():6.0f} s]", *a, file=sys.stderr, flush=True)
 
     # -- the same weights and data for both libraries
     C.save_model(os.path.join(workdir, "model.pt"), C.WORKLOAD)
     C.make_data(os.path.join(workdir, "data.pt"), C.WORKLOAD["vocab_size"])
-    C.save_model(os.path.join(workdir, "acdc_model.pt"), C.ACDC_WORKLOAD)
-    C.make_data(os.path.join(workdir, "acdc_data.pt"), C.ACDC_WORKLOAD["vocab_size"], n=C.BATCH)
 
     pm, dl, data = fp_setup(os.path.join(workdir, "model.pt"), os.path.join(workdir, "data.pt"))
     hf = C.load_hf(os.path.join(workdir, "model.pt"))  # a bare copy: the bridge took over its own
@@ -328,177 +347,188 @@ def main():
         print(f"check: {name}: {v}", flush=True)
 
     rows = []  # (measurement, funcpatch, baseline name, baseline value, ratio, target, met)
+    eap, acdc, mg, rc = find_algo("eap"), find_algo("acdc"), find_algo("mask_gradient"), find_run_circuits()
 
-    # -- 1. patched forward vs unpatched forwards vs auto-circuit, interleaved
-    log("patched forward ...")
+    if "forward" in only:
+        # -- 1. patched forward vs unpatched forwards vs auto-circuit, interleaved
+        log("patched forward ...")
 
-    def t_fp():
-        with torch.no_grad():
-            return C.timed(lambda: fp.patched_forward(pm, state, x))
+        def t_fp():
+            with torch.no_grad():
+                return C.timed(lambda: fp.patched_forward(pm, state, x))
 
-    def t_bridge():
-        with torch.no_grad():
-            return C.timed(lambda: pm.model(x))
+        def t_bridge():
+            with torch.no_grad():
+                return C.timed(lambda: pm.model(x))
 
-    def t_hf():
-        with torch.no_grad():
-            return C.timed(lambda: hf(x))
+        def t_hf():
+            with torch.no_grad():
+                return C.timed(lambda: hf(x))
 
-    fns = {"funcpatch": t_fp, "bridge": t_bridge, "transformers": t_hf}
-    if peer:
-        fns["auto-circuit"] = lambda: peer.time1("patched")
-        fns["auto-circuit unpatched"] = lambda: peer.time1("unpatched")
-    med, _ = interleave(fns, reps)
-    f = med["funcpatch"]
-    rows.append(("Patched forward (random masks on all 1519 edges, RESAMPLE) vs the bridge's own unpatched forward",
-                 f, "bridge forward", med["bridge"], f / med["bridge"], "≤ 1.5×", verdict(f / med["bridge"], 1.5)))
-    rows.append(("… vs the bare transformers forward (identical weights)", f, "transformers forward",
-                 med["transformers"], f / med["transformers"], "(info)", ""))
-    pa = med.get("auto-circuit")
-    rows.append(("… vs auto-circuit's patched forward (`patch_mode`, same masks)", f, "auto-circuit patched",
-                 pa, None if pa is None else f / pa, "≤ 0.25×", verdict(None if pa is None else f / pa, 0.25)))
-    if peer:
-        notes.append(f"auto-circuit's unpatched HookedTransformer forward (split Q/K/V, attn-result and mlp-in "
-                     f"hooks on, as its graph requires): {fmt_s(med['auto-circuit unpatched'])}.")
-
-    # -- 2. peak memory, each in a fresh process
-    log("peak memory (fresh processes) ...")
-    # the processes run side by side: each measures only its own resident set
-    jobs = {kind: [sys.executable, os.path.abspath(__file__), "--mem", kind, workdir]
-            for kind in ("funcpatch", "bridge", "transformers")}
-    if peer:
-        jobs["auto-circuit"] = [peer_py, os.path.join(HERE, "peer_autocircuit.py"), "mem", workdir]
-    mem = _mem_subprocesses(jobs)
-    mf = mem["funcpatch"]["peak_delta_mb"]
-    ma = mem.get("auto-circuit", {}).get("peak_delta_mb")
-    rows.append(("Peak memory of one patched forward (MiB above the post-setup baseline, fresh process)",
-                 mf, "auto-circuit patched", ma, None if ma is None else mf / ma, "≤ 1×",
-                 verdict(None if ma is None else mf / ma, 1.0)))
-    notes.append("Peak memory of one *unpatched* forward, same method: bridge "
-                 f"{mem['bridge']['peak_delta_mb']:.1f} MiB, transformers {mem['transformers']['peak_delta_mb']:.1f} MiB.")
-
-    # -- 3. EAP
-    eap = find_algo("eap")
-    if eap is None:
-        notes.append("EAP row skipped: funcpatch.algos.eap does not exist yet.")
-    else:
-        log("EAP ...")
-        out = {}
-
-        def t_fp_eap():
-            t = C.timed(lambda: out.__setitem__("s", eap(pm, dl, progress=False)))
-            return t
-
-        fns = {"funcpatch": t_fp_eap, "floor": lambda: C.timed(lambda: eap_floor(hf, batches))}
+        fns = {"funcpatch": t_fp, "bridge": t_bridge, "transformers": t_hf}
         if peer:
-            fns["auto-circuit"] = lambda: peer.time1("eap", save=True)
-        eap_reps = max(3, reps - 2)
-        med, _ = interleave(fns, eap_reps)
+            fns["auto-circuit"] = lambda: peer.time1("patched")
+            fns["auto-circuit unpatched"] = lambda: peer.time1("unpatched")
+        med, _ = interleave(fns, reps)
         f = med["funcpatch"]
+        rows.append(("Patched forward (random masks on all 1519 edges, RESAMPLE) vs the bridge's own unpatched forward",
+                     f, "bridge forward", med["bridge"], f / med["bridge"], "≤ 1.5×", verdict(f / med["bridge"], 1.5)))
+        rows.append(("… vs the bare transformers forward (identical weights)", f, "transformers forward",
+                     med["transformers"], f / med["transformers"], "(info)", ""))
         pa = med.get("auto-circuit")
-        rows.append((f"EAP, {C.N_BATCHES} batches of {C.BATCH}×{C.SEQ} (`fp.algos.eap`) vs auto-circuit "
-                     "`mask_gradient_prune_scores(mask_val=0)`", f, "auto-circuit EAP", pa,
-                     None if pa is None else f / pa, "≤ 0.25×", verdict(None if pa is None else f / pa, 0.25)))
-        rows.append(("… vs the physical floor (per batch: 1 corrupt forward + 1 forward/backward of the "
-                     "transformers model)", f, "floor", med["floor"], f / med["floor"], "≤ 1.5×",
-                     verdict(f / med["floor"], 1.5)))
-        fp_eap = scores_by_name(pm, out["s"])
+        rows.append(("… vs auto-circuit's patched forward (`patch_mode`, same masks)", f, "auto-circuit patched",
+                     pa, None if pa is None else f / pa, "≤ 0.25×", verdict(None if pa is None else f / pa, 0.25)))
         if peer:
-            pe = torch.load(os.path.join(workdir, "peer_eap.pt"))
-            checks.append(("EAP scores funcpatch vs auto-circuit (max |diff| / max |score|)", rel_max_diff(fp_eap, pe)))
+            notes.append(f"auto-circuit's unpatched HookedTransformer forward (split Q/K/V, attn-result and mlp-in "
+                         f"hooks on, as its graph requires): {fmt_s(med['auto-circuit unpatched'])}.")
 
-    # -- 4. ACDC (smaller model: auto-circuit runs one forward per edge per tau)
-    acdc = find_algo("acdc")
-    if acdc is None:
-        notes.append("ACDC row skipped: funcpatch.algos.acdc does not exist yet.")
-    else:
-        log("ACDC ...")
-        apm, adl, _ = fp_setup(os.path.join(workdir, "acdc_model.pt"), os.path.join(workdir, "acdc_data.pt"))
-        exps = sorted({round(torch.log10(torch.tensor(t)).item()) for t in C.ACDC_TAUS})
+    if "memory" in only:
+        # -- 2. peak memory, each in a fresh process
+        log("peak memory (fresh processes) ...")
+        # the processes run side by side: each measures only its own resident set
+        jobs = {kind: [sys.executable, os.path.abspath(__file__), "--mem", kind, workdir]
+                for kind in ("funcpatch", "bridge", "transformers")}
+        if peer:
+            jobs["auto-circuit"] = [peer_py, os.path.join(HERE, "peer_autocircuit.py"), "mem", workdir]
+        mem = _mem_subprocesses(jobs)
+        mf = mem["funcpatch"]["peak_delta_mb"]
+        ma = mem.get("auto-circuit", {}).get("peak_delta_mb")
+        rows.append(("Peak memory of one patched forward (MiB above the post-setup baseline, fresh process)",
+                     mf, "auto-circuit patched", ma, None if ma is None else mf / ma, "≤ 1×",
+                     verdict(None if ma is None else mf / ma, 1.0)))
+        notes.append("Peak memory of one *unpatched* forward, same method: bridge "
+                     f"{mem['bridge']['peak_delta_mb']:.1f} MiB, transformers {mem['transformers']['peak_delta_mb']:.1f} MiB.")
+
+    if "eap" in only:
+        # -- 3. EAP
+        if eap is None:
+            notes.append("EAP row skipped: funcpatch.algos.eap does not exist yet.")
+        else:
+            log("EAP ...")
+            out = {}
+
+            def t_fp_eap():
+                t = C.timed(lambda: out.__setitem__("s", eap(pm, dl, progress=False)))
+                return t
+
+            fns = {"funcpatch": t_fp_eap, "floor": lambda: C.timed(lambda: eap_floor(hf, batches))}
+            if peer:
+                fns["auto-circuit"] = lambda: peer.time1("eap", save=True)
+            eap_reps = max(3, reps - 2)
+            med, _ = interleave(fns, eap_reps)
+            f = med["funcpatch"]
+            pa = med.get("auto-circuit")
+            rows.append((f"EAP, {C.N_BATCHES} batches of {C.BATCH}×{C.SEQ} (`fp.algos.eap`) vs auto-circuit "
+                         "`mask_gradient_prune_scores(mask_val=0)`", f, "auto-circuit EAP", pa,
+                         None if pa is None else f / pa, "≤ 0.25×", verdict(None if pa is None else f / pa, 0.25)))
+            rows.append(("… vs the physical floor (per batch: 1 corrupt forward + 1 forward/backward of the "
+                         "transformers model)", f, "floor", med["floor"], f / med["floor"], "≤ 1.5×",
+                         verdict(f / med["floor"], 1.5)))
+            fp_eap = scores_by_name(pm, out["s"])
+            if peer:
+                pe = torch.load(os.path.join(workdir, "peer_eap.pt"))
+                checks.append(("EAP scores funcpatch vs auto-circuit (max |diff| / max |score|)", rel_max_diff(fp_eap, pe)))
+
+    def acdc_row(tag, shape, taus):
+        """ACDC on a model of ``shape`` at ``taus``: funcpatch vs auto-circuit, and do they agree."""
+        log(f"ACDC ({tag}) ...")
+        model_f, data_f = f"acdc_{tag}_model.pt", f"acdc_{tag}_data.pt"
+        C.save_model(os.path.join(workdir, model_f), shape)
+        C.make_data(os.path.join(workdir, data_f), shape["vocab_size"], n=C.BATCH)
+        apm, adl, _ = fp_setup(os.path.join(workdir, model_f), os.path.join(workdir, data_f))
+        exps = sorted({round(torch.log10(torch.tensor(t)).item()) for t in taus})
         out = {}
 
         def t_fp_acdc():
-            return C.timed(lambda: out.__setitem__("s", acdc(apm, adl, tao_exps=exps, tao_bases=[1],
-                                                             progress=False)))
+            return C.timed(lambda: out.__setitem__("s", acdc(apm, adl, tao_exps=exps, tao_bases=[1], progress=False)))
 
         fns = {"funcpatch": t_fp_acdc}
         if peer:
-            n_peer_edges = peer.call("acdc_init")["n_edges"]
+            n_peer_edges = peer.call("acdc_init", model=model_f, data=data_f)["n_edges"]
             fns["auto-circuit"] = lambda: peer.time1("acdc", tao_exps=exps, tao_bases=[1], save=True)
         t_fp_acdc()  # warm-up (funcpatch only: auto-circuit's model is already warm from its init forward)
-        acdc_reps = max(2, reps // 3)
         med, _ = interleave(fns, acdc_reps, warmup=0)
         f = med["funcpatch"]
         pa = med.get("auto-circuit")
-        shape = C.ACDC_WORKLOAD
-        rows.append((f"ACDC, τ ∈ {{{', '.join(f'1e{e}' for e in exps)}}}, smaller model ({shape['n_layer']} layers, "
+        rows.append((f"ACDC, τ ∈ {{{', '.join(f'1e{e}' for e in exps)}}}, {tag} model ({shape['n_layer']} layers, "
                      f"d_model {shape['n_embd']}, {shape['n_head']} heads, {apm.graph.n_edges} edges, batch "
-                     f"{C.BATCH}×{C.SEQ}) — speed-up", f, "auto-circuit `acdc_prune_scores`", pa,
-                     None if pa is None else pa / f, "≥ 5× faster", verdict(None if pa is None else pa / f, 5.0, le=False)))
+                     f"{C.BATCH}×{C.SEQ}; `fp.algos.acdc` defaults) — speed-up", f,
+                     "auto-circuit `acdc_prune_scores`", pa, None if pa is None else pa / f, "≥ 5× faster",
+                     verdict(None if pa is None else pa / f, 5.0, le=False)))
         if peer:
             pe = torch.load(os.path.join(workdir, "peer_acdc.pt"))
             fa = scores_by_name(apm, out["s"])
-            agree = sum(1 for k in fa if (fa[k] == pe.get(k)) or (abs(fa[k] - pe.get(k, float("nan"))) < 1e-12))
-            checks.append(("ACDC scores equal per edge (funcpatch vs auto-circuit)", f"{agree} / {len(fa)} edges"
-                           f" (auto-circuit graph: {n_peer_edges} edges)"))
+            agree = sum(1 for k in fa if fa[k] == pe.get(k) or abs(fa[k] - pe.get(k, float("nan"))) < 1e-12)
+            checks.append((f"ACDC ({tag} model) scores equal per edge, funcpatch vs auto-circuit",
+                           f"{agree} / {len(fa)} edges (auto-circuit graph: {n_peer_edges} edges)"))
 
-    # -- 5. per-prompt scores: vmap vs a loop; circuit sizes: one vmapped call vs one call per size
-    mg = find_algo("mask_gradient")
-    if mg is not None and eap is not None:
-        log("per-prompt EAP: vmap vs loop ...")
-        def loader(idx, bs):
-            return fp.PromptDataLoader(fp.PromptDataset([data["clean"][i] for i in idx], [data["corrupt"][i] for i in idx],
-                                                        [data["answers"][i] for i in idx],
-                                                        [data["wrong_answers"][i] for i in idx]),
-                                       seq_len=C.SEQ, diverge_idx=0, batch_size=bs)
-        dl1 = loader(range(C.BATCH), C.BATCH)  # one batch of 16 prompts
-        singles = [loader([i], 1) for i in range(C.BATCH)]
-        out = {}
+    acdc_reps = max(2, reps // 3)
+    for phase, tag, shape, taus in (("acdc", "small", C.ACDC_WORKLOAD, C.ACDC_TAUS),
+                                    ("acdc_wide", "2-layer full-width", C.ACDC_WIDE_WORKLOAD, C.ACDC_WIDE_TAUS)):
+        if phase in only:
+            # smaller models: auto-circuit runs one forward per edge per tau (minutes per tau on the full workload)
+            if acdc is None:
+                notes.append("ACDC row skipped: funcpatch.algos.acdc does not exist yet.")
+            else:
+                acdc_row(tag, shape, taus)
 
-        def t_vmap():
-            return C.timed(lambda: out.__setitem__("v", mg(pm, dl1, mask_val=0.0, per_prompt=True, progress=False)))
+    if "vmap" in only:
+        # -- 5. per-prompt scores: vmap vs a loop; circuit sizes: one vmapped call vs one call per size
+        if mg is not None and eap is not None:
+            log("per-prompt EAP: vmap vs loop ...")
+            def loader(idx, bs):
+                return fp.PromptDataLoader(fp.PromptDataset([data["clean"][i] for i in idx], [data["corrupt"][i] for i in idx],
+                                                            [data["answers"][i] for i in idx],
+                                                            [data["wrong_answers"][i] for i in idx]),
+                                           seq_len=C.SEQ, diverge_idx=0, batch_size=bs)
+            dl1 = loader(range(C.BATCH), C.BATCH)  # one batch of 16 prompts
+            singles = [loader([i], 1) for i in range(C.BATCH)]
+            out = {}
 
-        def t_loop():
-            return C.timed(lambda: out.__setitem__("l", [eap(pm, s, progress=False) for s in singles]))
+            def t_vmap():
+                return C.timed(lambda: out.__setitem__("v", mg(pm, dl1, mask_val=0.0, per_prompt=True, progress=False)))
 
-        med, _ = interleave({"vmap": t_vmap, "loop": t_loop}, max(3, reps // 2))
-        n = len(singles)
-        rows.append((f"Per-prompt EAP scores, {n} prompts: `mask_gradient(per_prompt=True)` (vmap) vs a loop of "
-                     "one-prompt `eap` calls", med["vmap"], "loop", med["loop"], med["vmap"] / med["loop"],
-                     "(info)", ""))
-        diff = max(float((out["v"][k][i] - out["l"][i][k]).abs().max()) for i in range(n) for k in out["v"])
-        scale = max(float(v.abs().max()) for v in out["v"].values())
-        checks.append(("per-prompt scores vmap vs loop (max |diff| / max |score|)", diff / scale))
+            def t_loop():
+                return C.timed(lambda: out.__setitem__("l", [eap(pm, s, progress=False) for s in singles]))
 
-    rc = find_run_circuits()
-    if rc is not None and eap is not None:
-        log("run_circuits: vmap over sizes vs one call per size ...")
-        import inspect
-        scores = eap(pm, dl, progress=False)
-        n_e = pm.graph.n_edges
-        sizes = [0, 30, 100, 300, 1000, n_e]
-        has_vmap = "vmap_sizes" in inspect.signature(rc).parameters
-        fns = {"per size": lambda: C.timed(lambda: [rc(pm, dl, [s], scores, progress=False) for s in sizes]),
-               "one call, loop": lambda: C.timed(lambda: rc(pm, dl, sizes, scores, progress=False))}
-        if has_vmap:
-            fns["vmap"] = lambda: C.timed(lambda: rc(pm, dl, sizes, scores, progress=False, vmap_sizes=True))
-        if peer:
-            torch.save(scores_by_name(pm, scores), os.path.join(workdir, "circuit_scores.pt"))
-            fns["auto-circuit"] = lambda: peer.time1("run_circuits", sizes=sizes)
-        med, _ = interleave(fns, max(3, reps // 2))
-        v = med.get("vmap")
-        if v is not None:
-            rows.append((f"`run_circuits`, {len(sizes)} circuit sizes × {C.N_BATCHES} batches: one call with "
-                         "`vmap_sizes=True` vs one call per size", v, "one call per size", med["per size"],
-                         v / med["per size"], "(info)", ""))
-            rows.append(("… vs one call looping over the sizes (`vmap_sizes=False`)", v, "one call, loop",
-                         med["one call, loop"], v / med["one call, loop"], "(info)", ""))
-        else:
-            notes.append("run_circuits has no vmap_sizes argument: vmapped row skipped.")
-        best = v if v is not None else med["one call, loop"]
-        pa = med.get("auto-circuit")
-        rows.append(("… funcpatch (fastest of the above) vs auto-circuit `run_circuits` (same sizes, same scores)",
-                     best, "auto-circuit run_circuits", pa, None if pa is None else best / pa, "(info)", ""))
+            med, _ = interleave({"vmap": t_vmap, "loop": t_loop}, max(3, reps // 2))
+            n = len(singles)
+            rows.append((f"Per-prompt EAP scores, {n} prompts: `mask_gradient(per_prompt=True)` (vmap) vs a loop of "
+                         "one-prompt `eap` calls", med["vmap"], "loop", med["loop"], med["vmap"] / med["loop"],
+                         "(info)", ""))
+            diff = max(float((out["v"][k][i] - out["l"][i][k]).abs().max()) for i in range(n) for k in out["v"])
+            scale = max(float(v.abs().max()) for v in out["v"].values())
+            checks.append(("per-prompt scores vmap vs loop (max |diff| / max |score|)", diff / scale))
+
+    if "circuits" in only:
+        if rc is not None and eap is not None:
+            log("run_circuits: vmap over sizes vs one call per size ...")
+            import inspect
+            scores = eap(pm, dl, progress=False)
+            n_e = pm.graph.n_edges
+            sizes = [0, 30, 100, 300, 1000, n_e]
+            has_vmap = "vmap_sizes" in inspect.signature(rc).parameters
+            fns = {"per size": lambda: C.timed(lambda: [rc(pm, dl, [s], scores, progress=False) for s in sizes]),
+                   "one call, loop": lambda: C.timed(lambda: rc(pm, dl, sizes, scores, progress=False))}
+            if has_vmap:
+                fns["vmap"] = lambda: C.timed(lambda: rc(pm, dl, sizes, scores, progress=False, vmap_sizes=True))
+            if peer:
+                torch.save(scores_by_name(pm, scores), os.path.join(workdir, "circuit_scores.pt"))
+                fns["auto-circuit"] = lambda: peer.time1("run_circuits", sizes=sizes)
+            med, _ = interleave(fns, max(3, reps // 2))
+            v = med.get("vmap")
+            if v is not None:
+                rows.append((f"`run_circuits`, {len(sizes)} circuit sizes × {C.N_BATCHES} batches: one call with "
+                             "`vmap_sizes=True` vs one call per size", v, "one call per size", med["per size"],
+                             v / med["per size"], "(info)", ""))
+                rows.append(("… vs one call looping over the sizes (`vmap_sizes=False`)", v, "one call, loop",
+                             med["one call, loop"], v / med["one call, loop"], "(info)", ""))
+            else:
+                notes.append("run_circuits has no vmap_sizes argument: vmapped row skipped.")
+            best = v if v is not None else med["one call, loop"]
+            pa = med.get("auto-circuit")
+            rows.append(("… funcpatch (fastest of the above) vs auto-circuit `run_circuits` (same sizes, same scores)",
+                         best, "auto-circuit run_circuits", pa, None if pa is None else best / pa, "(info)", ""))
 
     if peer:
         peer.close()
@@ -509,7 +539,10 @@ def main():
     lines = ["# funcpatch benchmarks", ""]
     lines.append(f"- date: {t_start:%Y-%m-%d %H:%M} (run took {elapsed:.0f} s; `python benchmarks/run.py`)")
     lines.append(f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), torch threads {C.THREADS} in both processes; "
-                 f"load average (1/5/15 min) before: {load_before}, after: {load_after}")
+                 f"load average (1/5/15 min) before: {load_before}, after: {load_after}; 1-min load at the start of "
+                 f"each phase: {', '.join(f'{x:.1f}' for x in loads)}"
+                 + (" — **the machine was busy: other processes competed for the 2 cores, so absolute times are "
+                    "inflated; the ratios come from interleaved runs**" if max(loads) >= 2 else ""))
     lines.append(f"- funcpatch: torch {torch.__version__}, TransformerLens {_version('transformer_lens')}, "
                  f"transformers {_version('transformers')}; model = `fp.models.from_hf` (TransformerBridge)")
     if peer:
