@@ -258,7 +258,8 @@ def train_induction(seed: int = 0, steps: int = 1500) -> None:
         "n_layer": 2, "d_model": 64, "n_head": 4, "d_head": 16, "d_mlp": 1, "n_ctx": IND_CTX,
         "d_vocab": len(tok), "n_params": n_params(model),
         "seq_len": 2 * IND_HALF, "half_len": IND_HALF,
-        "training": {"seed": seed, "steps": steps, "batch_size": 64, "lr": 3e-3, "final_loss": round(loss, 4),
+        "training": {"seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch_size": 64,
+                     "lr": 3e-3, "final_loss": round(loss, 4),
                      "data": "[BOS] p random tokens (p in [0, 8]) then n random tokens (n in [4, 12]) repeated to 32 "
                              "tokens; loss from the second copy on"},
         "held_out": "dataset.json prompts are drawn before training; training rows equal to them are redrawn",
@@ -281,11 +282,14 @@ IOI_TEMPLATES = [
     "Then {A} and {B} arrived at the {P} , {C} threw a {O} to",
 ]
 IOI_LEN = 14
+# training sentences may start with one of these, which shifts every position: the model
+# cannot solve the task by absolute positions alone (dataset.json has no prefix)
+IOI_PREFIXES = ["", "Yesterday ,", "Later that day ,", "On a cold morning ,"]
 
 
 def ioi_words() -> List[str]:
     words = set()
-    for t in IOI_TEMPLATES:
+    for t in IOI_TEMPLATES + IOI_PREFIXES:
         words.update(w for w in t.split() if not w.startswith("{"))
     return sorted(words) + IOI_NAMES + IOI_PLACES + IOI_OBJECTS
 
@@ -324,9 +328,10 @@ def ioi_dataset(rng: random.Random, held_out_pairs, n_prompts: int) -> dict:
     }
 
 
-def ioi_batches(tokenizer, train_pairs, seed: int, batch: int):
+def ioi_batches(tokenizer, train_pairs, seed: int, batch: int, prefixes: Sequence[str] = ("",)):
     """Fresh sentences (the same distribution as :func:`ioi_sentence`) from the training
-    name pairs only, built directly as token ids; loss at the last position (the answer)."""
+    name pairs only, built directly as token ids, each batch after one of ``prefixes``;
+    loss at the last position (the answer)."""
     gen = torch.Generator().manual_seed(seed)
     tid = tokenizer.convert_tokens_to_ids
     # word ids of each template, with the slots (names at 1, 3, 9; place 7; object 12) left as <unk>
@@ -337,7 +342,10 @@ def ioi_batches(tokenizer, train_pairs, seed: int, batch: int):
     def pick(options: torch.Tensor) -> torch.Tensor:
         return options[torch.randint(len(options), (batch,), generator=gen)]
 
+    prefix_ids = [tid(p.split()) for p in prefixes]
+
     def make(step: int):
+        prefix = prefix_ids[int(torch.randint(len(prefix_ids), (), generator=gen))]
         ab = pick(pairs)  # [batch, 2]: names A, B
         swap = torch.randint(2, (batch, 1), generator=gen).bool()
         ab = torch.where(swap, ab.flip(1), ab)
@@ -347,7 +355,8 @@ def ioi_batches(tokenizer, train_pairs, seed: int, batch: int):
         words = pick(templates).clone()
         words[:, 1], words[:, 3], words[:, 9] = ab[:, 0], ab[:, 1], s
         words[:, 7], words[:, 12] = pick(places), pick(objects)
-        ids = torch.cat([torch.full((batch, 1), BOS), words], dim=1)  # [batch, 15]
+        head = torch.tensor([BOS] + prefix).expand(batch, -1)
+        ids = torch.cat([head, words], dim=1)  # [batch, 1 + len(prefix) + 14]
         labels = torch.full_like(ids, -100)
         labels[:, -1] = io
         return ids, labels
@@ -362,10 +371,11 @@ def train_ioi(seed: int = 0, steps: int = 1000) -> None:
     train_pairs, held_pairs = ioi_pairs(rng)
     dataset = ioi_dataset(rng, held_pairs, 400)
 
-    d_model, n_layer, n_head, n_inner = 128, 2, 4, 512
+    d_model, n_layer, n_head, n_inner = 64, 2, 8, 256
     model = build_gpt2(len(tok), 32, d_model=d_model, n_layer=n_layer, n_head=n_head, n_inner=n_inner)
     t0 = time.time()
-    loss = train(model, ioi_batches(tok, train_pairs, seed + 1, batch=128), steps=steps, lr=3e-3)
+    batches = ioi_batches(tok, train_pairs, seed + 1, batch=128, prefixes=IOI_PREFIXES)
+    loss = train(model, batches, steps=steps, lr=3e-3)
     seconds = time.time() - t0
     print(f"ioi: trained in {seconds:.0f} s, final loss {loss:.4f}")
 
@@ -376,15 +386,17 @@ def train_ioi(seed: int = 0, steps: int = 1000) -> None:
         "description": (
             "'When A and B went to the P , S gave a O to' -> the name that is not S (IO). "
             "Corrupt prompt: the third name is IO instead of S, so the answer flips; wrong answer = S. "
-            "Five templates of 14 words, names at positions 1, 3 and 9 (before BOS)."
+            "Five templates of 14 words, names at positions 1, 3 and 9 (counted without BOS)."
         ),
         "architecture": "GPT2LMHeadModel",
         "attention_only": False,
         "n_layer": n_layer, "d_model": d_model, "n_head": n_head, "d_head": d_model // n_head,
         "d_mlp": n_inner, "n_ctx": 32, "d_vocab": len(tok), "n_params": n_params(model),
         "seq_len": IOI_LEN + 1,
-        "training": {"seed": seed, "steps": steps, "batch_size": 128, "lr": 3e-3, "final_loss": round(loss, 4),
-                     "data": "sentences with names from the training name pairs; loss on the last position"},
+        "training": {"seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch_size": 128,
+                     "lr": 3e-3, "final_loss": round(loss, 4),
+                     "data": "sentences with names from the training name pairs, each batch after one of the "
+                             f"prefixes {IOI_PREFIXES}; loss on the last position"},
         "held_out": (f"{len(held_pairs)} of {len(held_pairs) + len(train_pairs)} unordered name pairs never "
                      "appear together in training; dataset.json uses only those pairs"),
         "train_command": "python scripts/train_zoo.py ioi",

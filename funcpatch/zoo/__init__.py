@@ -69,9 +69,9 @@ def load_hf(name: str) -> Tuple[Any, Any]:
         ``[batch, seq, d_vocab]``. The tokenizer does not add BOS itself: prompts
         start with ``tokenizer.bos_token_id`` (``load_datasets_from_json`` prepends it).
     """
+    folder = model_dir(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = model_dir(name)
     model = AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, attn_implementation="eager"
     )
