@@ -108,32 +108,14 @@ class Patcher(Recorder):
         if src is not None:
             chunk = output if src.head_dim is not None else output.unsqueeze(2)
             patch = self.patch[:, :, src.srcs[0]:src.srcs[1]]
-            if patch.shape[1:] != chunk.shape[1:] or patch.shape[0] not in (1, chunk.shape[0]):
-                raise ValueError(f"patch_src_outs has per-source shape {tuple(patch.movedim(2, 0).shape[1:])} but "
-                                 f"source {src.module_name} outputs {tuple(chunk.movedim(2, 0).shape[1:])} "
-                                 "(batch, seq, ...); compute the patch values on inputs of the same shape")
+            check_patch_shape(patch.movedim(2, 0), chunk.movedim(2, 0), src.module_name)
             # rsub keeps the (contiguous) activation layout, so joining chunks is a cheap copy
             self.diffs[src.module_name] = torch.rsub(chunk, patch)
         return output
 
     def compute_deltas(self, dest: DestModule) -> None:
-        g = self.pm.graph
-        group = [d for d in g.dest_modules if d.in_srcs == dest.in_srcs and d.module_name not in self.deltas]
-        masks = []
-        for d in group:
-            m = effective_mask(self.state, d.module_name)
-            batched = m.dim() == len(d.mask_shape(g.seq_len)) + 1
-            if d.n_heads is None:
-                m = m.unsqueeze(-2)  # one "head"
-            if g.seq_len is None:
-                m = m.unsqueeze(-3)  # broadcast over positions
-            if not batched:
-                m = m.unsqueeze(0)  # broadcast over the batch
-            masks.append(m)
-        if len(masks) > 1:
-            lead = torch.broadcast_shapes(*(m.shape[:-2] for m in masks))
-            masks = [m.expand(*lead, *m.shape[-2:]) for m in masks]
-        mask = torch.cat(masks, dim=-2) if len(masks) > 1 else masks[0]  # [batch, pos, heads_total, n_in]
+        group = [d for d in self.pm.graph.dest_modules if d.in_srcs == dest.in_srcs and d.module_name not in self.deltas]
+        mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
         chunks = _recorded(self.pm, self.diffs, *dest.in_srcs, dest.module_name)
         diff = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]  # [batch, pos, n_in, d]
         total = torch.matmul(mask, diff)  # [batch, pos, heads_total, d]
@@ -145,9 +127,116 @@ class Patcher(Recorder):
             start += n
 
 
-def _run(pm, visitor_factory, args, kwargs, params):
+def group_mask(pm, state: PatchState, group) -> torch.Tensor:
+    """The masks of destination modules that read the same sources, joined along the
+    head dim: ``[batch | 1, pos | 1, heads_total, n_in]`` (a module without heads is one)."""
+    seq_len = pm.graph.seq_len
+    masks = []
+    for d in group:
+        m = effective_mask(state, d.module_name)
+        batched = m.dim() == len(d.mask_shape(seq_len)) + 1
+        if d.n_heads is None:
+            m = m.unsqueeze(-2)  # one "head"
+        if seq_len is None:
+            m = m.unsqueeze(-3)  # broadcast over positions
+        if not batched:
+            m = m.unsqueeze(0)  # broadcast over the batch
+        masks.append(m)
+    if len(masks) == 1:
+        return masks[0]
+    lead = torch.broadcast_shapes(*(m.shape[:-2] for m in masks))
+    return torch.cat([m.expand(*lead, *m.shape[-2:]) for m in masks], dim=-2)
+
+
+def check_patch_shape(patch: torch.Tensor, out: torch.Tensor, module_name: str) -> None:
+    """``patch`` and ``out``: ``[n, batch, seq, ...]`` for one source module."""
+    if patch.shape[2:] != out.shape[2:] or patch.shape[1] not in (1, out.shape[1]):
+        raise ValueError(f"patch_src_outs has per-source shape {tuple(patch.shape[1:])} but source {module_name} "
+                         f"outputs {tuple(out.shape[1:])} (batch, seq, ...); compute the patch values on inputs "
+                         "of the same shape")
+
+
+class SrcMajorRecorder:
+    """Records sources for a forward that hands over activations by name, in source-major
+    layout (:mod:`funcpatch.lean`): ``src(name, out [k, batch, pos, d])`` and
+    ``dest(names, x [batch, pos, d]) -> [heads_total, batch, pos, d] | None``."""
+
+    def __init__(self, pm):
+        self.pm = pm
+        self.src_modules = {s.module_name: s for s in pm.graph.src_modules}
+        self.outs: Dict[str, torch.Tensor] = {}
+
+    def src(self, name: str, out: torch.Tensor) -> None:
+        if name in self.src_modules:
+            self.outs[name] = out
+
+    def dest(self, names, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None  # nothing is patched: the forward takes its plain path
+
+    def stacked(self) -> torch.Tensor:
+        parts = _recorded(self.pm, self.outs, 0, len(self.pm.graph.srcs), "the end of the forward")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class SrcMajorPatcher(SrcMajorRecorder):
+    """Patches destinations for a source-major forward (see :class:`SrcMajorRecorder`).
+
+    Differences ``patch - out`` are kept as ``[n_srcs, batch, pos, d]``, so a destination
+    group's incoming differences are one slice; with masks shared by the whole batch its
+    patched inputs are then one matrix product that also adds the residual,
+    ``x + masks @ diffs`` over ``[n_in, batch * pos * d]``. The differences are written
+    into one buffer when nothing records the forward (no autograd, no torch.func
+    transform: in-place writes would break both); otherwise each source's chunk is kept
+    and joined per destination group.
+    """
+
+    def __init__(self, pm, state: PatchState):
+        super().__init__(pm)
+        self.state = state
+        self.patch = state.patch_src_outs
+        self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
+        self.diffs: Dict[str, torch.Tensor] = {}
+        self.buffer: Optional[torch.Tensor] = None
+        self.in_place = not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+
+    def src(self, name, out):
+        src = self.src_modules.get(name)
+        if src is not None:
+            lo, hi = src.srcs
+            patch = self.patch[lo:hi]
+            check_patch_shape(patch, out, name)
+            if self.in_place:
+                if self.buffer is None:
+                    self.buffer = out.new_empty((self.patch.shape[0],) + out.shape[1:])
+                self.diffs[name] = torch.sub(patch, out, out=self.buffer[lo:hi])
+            else:
+                self.diffs[name] = patch - out
+
+    def dest(self, names, x):
+        group = [self.dest_modules[n] for n in names if n in self.dest_modules]
+        if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
+            return None
+        assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
+        mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
+        lo, hi = group[0].in_srcs
+        chunks = _recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
+        if self.in_place:
+            diff = self.buffer[lo:hi]  # [n_in, batch, pos, d]
+        else:
+            diff = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        n, b, p, d = diff.shape
+        if mask.shape[0] == 1 and mask.shape[1] == 1:
+            return torch.addmm(x.reshape(1, -1), mask[0, 0], diff.reshape(n, -1)).view(-1, b, p, d)
+        return x + torch.einsum("bphn,nbpd->hbpd", mask.expand(b, p, *mask.shape[2:]), diff)
+
+
+def _run(pm, hook_visitor, lean_visitor, args, kwargs, params):
+    run = None if pm.lean is None else pm.lean.bind(args, kwargs, params)
+    if run is not None:  # funcpatch's own forward (funcpatch.lean): no hooks, nothing shared
+        visitor = lean_visitor()
+        return run(visitor), visitor
     with activated(pm) as modules, serialized(pm):
-        visitor = visitor_factory(modules)
+        visitor = hook_visitor(modules)
         with visiting(visitor):
             if params is None:
                 out = pm.model(*args, **kwargs)
@@ -186,11 +275,12 @@ def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, 
     if state.patch_src_outs.shape[0] != len(pm.graph.srcs):
         raise ValueError(f"patch_src_outs has {state.patch_src_outs.shape[0]} sources, the graph has "
                          f"{len(pm.graph.srcs)}")
-    out, _ = _run(pm, lambda modules: Patcher(pm, modules, state), args, kwargs, params)
+    out, _ = _run(pm, lambda modules: Patcher(pm, modules, state), lambda: SrcMajorPatcher(pm, state), args, kwargs,
+                  params)
     return out
 
 
 def record_src_outs(pm, *args, params=None, **kwargs) -> Tuple[object, torch.Tensor]:
     """A plain forward that also returns every source's output ``[n_srcs, batch, seq, d]``."""
-    out, rec = _run(pm, lambda modules: Recorder(pm, modules), args, kwargs, params)
+    out, rec = _run(pm, lambda modules: Recorder(pm, modules), lambda: SrcMajorRecorder(pm), args, kwargs, params)
     return out, rec.stacked()

@@ -8,6 +8,7 @@ from typing import Dict, Literal, Optional, Tuple, Union
 from torch import nn
 
 from funcpatch.backends import Backend, MicroBackend, backend_for
+from funcpatch.lean import lean_forward_for
 from funcpatch.graph import Graph, build_graph, micro_nodes, transformer_nodes
 from funcpatch.runtime import activated
 
@@ -36,6 +37,7 @@ class PatchableModel:
     separate_qkv: Optional[bool]
     hook_flags: Tuple[str, ...]
     node_module_names: Tuple[str, ...]
+    lean: Optional[object] = None  # funcpatch's own forward for this model (funcpatch.lean), if any
 
     # Conveniences mirroring the seed library's PatchableModel.
     @property
@@ -86,7 +88,7 @@ def _hook_flags(factorized: bool, separate_qkv: bool, attn_only: bool) -> Tuple[
 
 
 def patchable(model: nn.Module, *, factorized: bool = True, separate_qkv: Optional[bool] = None,
-              seq_len: Optional[int] = None, slice_output: OutputSlice = None) -> PatchableModel:
+              seq_len: Optional[int] = None, slice_output: OutputSlice = None, lean: bool = True) -> PatchableModel:
     """Pair ``model`` with its patching graph (the model itself is left untouched).
 
     Args:
@@ -98,6 +100,9 @@ def patchable(model: nn.Module, *, factorized: bool = True, separate_qkv: Option
             (transformers; default True).
         seq_len: make edges token-specific: each edge exists once per position.
         slice_output: None, "last_seq" or "not_first_seq": the outputs a task scores.
+        lean: run patched forwards through funcpatch's own per-head forward where the
+            architecture has one (GPT-2 bridges; :mod:`funcpatch.lean`), about twice as
+            fast as the bridge's hooks and equal to them; False always uses the hooks.
     """
     if slice_output not in OUTPUT_SLICES:
         raise ValueError(f"unknown slice_output {slice_output!r}; valid: {list(OUTPUT_SLICES)}")
@@ -126,7 +131,7 @@ def patchable(model: nn.Module, *, factorized: bool = True, separate_qkv: Option
     out_slice: Tuple = (slice(None),) if slice_output is None else (
         (slice(None), -1) if slice_output == "last_seq" else (slice(None), slice(1, None)))
     pm = PatchableModel(model, graph, backend, out_slice, slice_output,
-                        separate_qkv, flags, names)
+                        separate_qkv, flags, names, lean_forward_for(model) if lean else None)
     with activated(pm):  # fail now, clearly, if the model lacks a hook the graph needs
         pass
     return pm

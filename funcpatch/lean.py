@@ -1,0 +1,223 @@
+"""A lean forward for GPT-2 ``TransformerBridge``s: the hook path's computation, written
+directly over the block weights in per-head layout.
+
+Patching needs per-head inputs (Q/K/V) and per-head outputs (each head's contribution to
+the residual). The bridge provides them through hook flags, but its per-head path costs
+about twice its plain forward (forked residual copies, per-head einsums and hook
+wrappers around every submodule). Here the same computation runs as plain tensor code:
+one layer norm over all Q/K/V inputs of a layer, one batched matmul for their
+projections, one for the per-head results. At every node hook point it hands the
+activation to the current call's visitor (by hook name), exactly where the bridge's
+hook would fire, so patching and recording are shared with the hook path
+(:mod:`funcpatch.forward`).
+
+It is used when the model qualifies (a GPT-2 bridge in eval mode, not in compatibility
+mode) and the call is one this module understands (token ids, optional
+``attention_mask``, ``logits_to_keep`` and ``return_type="logits"``); otherwise the
+hook path runs. ``fp.patchable(model, lean=False)`` forces the hook path. Equality with
+the hook path (outputs and gradients, all graph kinds) is tested in
+``tests/test_lean.py``.
+
+The forward is pure: weights are looked up per call, from ``params`` where given (the
+same names as ``model.named_parameters()``/``named_buffers()``, aliases included) and
+from the model otherwise; nothing is stored on any module.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+
+def _alias_names(model: nn.Module) -> Dict[int, Tuple[str, ...]]:
+    """id(tensor) -> every name under which the model exposes it (tied weights, wrappers)."""
+    names: Dict[int, list] = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+    return {k: tuple(v) for k, v in names.items()}
+
+
+class LeanGPT2:
+    """The per-head forward of a GPT-2 bridge (see the module docstring).
+
+    ``bind(args, kwargs, params)`` checks a call and returns ``run(visitor) -> logits``;
+    see :meth:`forward` for what the visitor sees.
+    """
+
+    def __init__(self, bridge: nn.Module):
+        hf = bridge.original_model
+        cfg = hf.config
+        self.model = bridge
+        self.n_layers, self.n_heads = cfg.n_layer, cfg.n_head
+        self.d_head = cfg.n_embd // cfg.n_head
+        self.eps = cfg.layer_norm_epsilon
+        self.inverse_layer_scale = bool(cfg.scale_attn_by_inverse_layer_idx)
+        t = hf.transformer
+        self.acts = [blk.mlp.act for blk in t.h]
+        # canonical key -> the tensor in the model; bridge wrappers expose the wrapped module
+        # as ``original_component``
+        def inner(m):
+            return getattr(m, "original_component", None) or m
+
+        w: Dict[str, torch.Tensor] = {"wte": inner(t.wte).weight, "wpe": inner(t.wpe).weight,
+                                      "ln_f.w": inner(t.ln_f).weight, "ln_f.b": inner(t.ln_f).bias,
+                                      "unembed.w": inner(hf.lm_head).weight}
+        if getattr(inner(hf.lm_head), "bias", None) is not None:
+            w["unembed.b"] = inner(hf.lm_head).bias
+        for i, blk in enumerate(bridge.blocks):
+            attn = blk.attn
+            for x in "qkv":
+                lin = inner(getattr(attn, x))
+                w[f"{i}.{x}.w"], w[f"{i}.{x}.b"] = lin.weight, lin.bias  # nn.Linear: [out, in]
+            o = inner(attn.o)  # Conv1D: [in, out]
+            w[f"{i}.o.w"], w[f"{i}.o.b"] = o.weight, o.bias
+            hblk = t.h[i]
+            w[f"{i}.ln1.w"], w[f"{i}.ln1.b"] = inner(hblk.ln_1).weight, inner(hblk.ln_1).bias
+            w[f"{i}.ln2.w"], w[f"{i}.ln2.b"] = inner(hblk.ln_2).weight, inner(hblk.ln_2).bias
+            fc, proj = inner(hblk.mlp.c_fc), inner(hblk.mlp.c_proj)  # Conv1D
+            w[f"{i}.fc.w"], w[f"{i}.fc.b"] = fc.weight, fc.bias
+            w[f"{i}.proj.w"], w[f"{i}.proj.b"] = proj.weight, proj.bias
+        self.weights = w
+        aliases = _alias_names(bridge)
+        self.names = {k: aliases.get(id(v), ()) for k, v in w.items()}
+
+    @staticmethod
+    def qualifies(bridge: nn.Module) -> bool:
+        hf = getattr(bridge, "original_model", None)
+        cfg = getattr(hf, "config", None)
+        return (type(hf).__name__ == "GPT2LMHeadModel" and not getattr(bridge, "compatibility_mode", True)
+                and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False)
+                and hasattr(bridge, "blocks") and len(bridge.blocks) == cfg.n_layer)
+
+    def bind(self, args, kwargs, params: Optional[Mapping[str, torch.Tensor]]):
+        """``run(visitor) -> logits`` for this call, or None when the call is not one this
+        forward reproduces (then the hook path runs)."""
+        if self.model.training or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            return None
+        tokens = args[0]
+        if tokens.dtype not in (torch.long, torch.int) or tokens.dim() != 2:
+            return None
+        kwargs = dict(kwargs)
+        attention_mask = kwargs.pop("attention_mask", None)
+        keep = kwargs.pop("logits_to_keep", 0)
+        if kwargs.pop("return_type", "logits") != "logits" or kwargs or not isinstance(keep, int):
+            return None
+        w = self.weights
+        if params:
+            w = dict(w)
+            for k, names in self.names.items():
+                for n in names:
+                    if n in params:
+                        w[k] = params[n]
+                        break
+        return lambda visitor: self.forward(w, tokens, visitor, attention_mask, keep)
+
+    def forward(self, w: Mapping[str, torch.Tensor], tokens: torch.Tensor, visitor,
+                attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` (the last ``logits_to_keep`` positions if > 0).
+
+        ``visitor`` sees the nodes in source-major layout: ``visitor.src(hook, out)``
+        with ``out [k, batch, pos, d]`` (k heads, or 1) and ``visitor.dest(hooks, x)``
+        with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
+        returns their patched inputs ``[heads_total, batch, pos, d]`` or None (unpatched).
+        """
+        p = tokens.shape[1]
+        resid = F.embedding(tokens, w["wte"]) + F.embedding(_positions(attention_mask, p, tokens.device), w["wpe"])
+        resid = _node(visitor, "blocks.0.hook_resid_pre", resid)
+        add_mask = _additive_mask(attention_mask, p, resid.dtype)
+        for i in range(self.n_layers):
+            pre = f"blocks.{i}."
+            resid = _node(visitor, pre + "hook_resid_mid", resid + self._attention(w, i, resid, visitor, add_mask))
+            x = visitor.dest([pre + "hook_mlp_in"], resid)
+            x = resid if x is None else x[0]
+            x = F.layer_norm(x, x.shape[-1:], w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], self.eps)
+            x = torch.addmm(w[f"{i}.fc.b"], x.reshape(-1, x.shape[-1]), w[f"{i}.fc.w"])
+            x = torch.addmm(w[f"{i}.proj.b"], self.acts[i](x), w[f"{i}.proj.w"]).view_as(resid)
+            visitor.src(pre + "hook_mlp_out", x.unsqueeze(0))
+            resid = _node(visitor, pre + "hook_resid_post", resid + x)
+        if logits_to_keep > 0:
+            resid = resid[:, -logits_to_keep:]
+        x = F.layer_norm(resid, resid.shape[-1:], w["ln_f.w"], w["ln_f.b"], self.eps)
+        return F.linear(x, w["unembed.w"], w.get("unembed.b"))
+
+    def _attention(self, w, i: int, resid: torch.Tensor, visitor, add_mask) -> torch.Tensor:
+        """Attention block ``i``'s output ``[batch, pos, d]`` (per-head results go to the visitor)."""
+        b, p, d = resid.shape
+        H, dh = self.n_heads, self.d_head
+        pre = f"blocks.{i}."
+        wq, wk, wv = (w[f"{i}.{x}.w"].view(H, dh, d) for x in "qkv")  # per head: [dh, d]
+        bq, bk, bv = (w[f"{i}.{x}.b"].view(H, 1, dh) for x in "qkv")
+        ln = (w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], self.eps)
+        x = visitor.dest([pre + f"hook_{n}_input" for n in "qkv"], resid)  # [3H, b, p, d]: own copy each
+        if x is not None:
+            x = F.layer_norm(x, (d,), *ln).view(3 * H, b * p, d)
+            qkv = torch.baddbmm(torch.cat([bq, bk, bv]), x, torch.cat([wq, wk, wv]).transpose(1, 2))
+            q, k, v = qkv.view(3, H, b, p, dh).unbind(0)  # [H, b, p, dh]
+        else:
+            x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
+            if x is not None:
+                x = F.layer_norm(x, (d,), *ln).view(H, b * p, d)
+                qkv = torch.baddbmm(torch.cat([bq, bk, bv], dim=2), x,
+                                    torch.cat([wq, wk, wv], dim=1).transpose(1, 2))
+                q, k, v = qkv.view(H, b, p, 3, dh).permute(3, 0, 1, 2, 4).unbind(0)
+            else:
+                x = F.layer_norm(resid, (d,), *ln)
+                qkv = F.linear(x, torch.cat([wq, wk, wv]).view(3 * d, d), torch.cat([bq, bk, bv]).view(3 * d))
+                q, k, v = qkv.view(b, p, 3, H, dh).permute(2, 3, 0, 1, 4).unbind(0)
+        scale = dh ** -0.5 / (i + 1 if self.inverse_layer_scale else 1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [H, b, p, p]
+        if add_mask is None:
+            causal = torch.ones(p, p, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + add_mask
+        z = torch.matmul(scores.softmax(-1), v).view(H, b * p, dh)
+        per_head = torch.bmm(z, w[f"{i}.o.w"].view(H, dh, d)).view(H, b, p, d)
+        visitor.src(pre + "attn.hook_result", per_head)
+        return per_head.sum(0) + w[f"{i}.o.b"]
+
+
+def _node(visitor, name: str, x: torch.Tensor) -> torch.Tensor:
+    """A residual-stream node: patched if it is a destination, recorded if a source."""
+    patched = visitor.dest([name], x)
+    x = x if patched is None else patched[0]
+    visitor.src(name, x.unsqueeze(0))
+    return x
+
+
+def _positions(attention_mask: Optional[torch.Tensor], p: int, device) -> torch.Tensor:
+    """Position ids as the bridge derives them: ``arange``, except in rows where padding
+    precedes a real token; there, count real tokens only (pads get 0). ``[batch | 1, p]``."""
+    arange = torch.arange(p, device=device)
+    if attention_mask is None:
+        return arange.unsqueeze(0)
+    mask = attention_mask.long()
+    derived = (mask.cumsum(-1) - 1).clamp(min=0)
+    needs = ((derived != arange) & (mask != 0)).any(-1, keepdim=True)
+    return torch.where(needs, derived, arange)
+
+
+def _additive_mask(attention_mask: Optional[torch.Tensor], p: int, dtype) -> Optional[torch.Tensor]:
+    """transformers' 4-D float mask for a 2-D padding mask: 0 where a query may attend
+    (causal and not padding), the dtype's minimum elsewhere; ``[batch, p, p]`` (broadcasts
+    over the heads of ``[heads, batch, p, p]`` scores)."""
+    if attention_mask is None:
+        return None
+    causal = torch.ones(p, p, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask[:, None, :].bool()
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def lean_forward_for(model: nn.Module):
+    """The lean forward for ``model``, or None when it has none (the hook path is used)."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    if isinstance(model, TransformerBridge) and LeanGPT2.qualifies(model):
+        return LeanGPT2(model)
+    return None

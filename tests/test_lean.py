@@ -1,0 +1,207 @@
+"""funcpatch's own GPT-2 forward (funcpatch.lean) equals the bridge's hook path:
+outputs, recorded sources, gradients w.r.t. masks and weights, under vmap, for every
+graph kind, padding, batched masks and every ablation type."""
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import grad, vmap
+
+import funcpatch as fp
+from conftest import has_bridge, tokens
+
+pytestmark = pytest.mark.skipif(not has_bridge(), reason="no TransformerBridge in this TransformerLens")
+
+GRAPHS = {"split": {}, "unsplit": {"separate_qkv": False}, "residual": {"factorized": False}, "tokens": {"seq_len": 6}}
+_models = {}
+
+
+def gpt2(variant="plain"):
+    """Tiny GPT-2 bridges; "odd" has ReLU MLPs and inverse-layer attention scaling."""
+    if variant not in _models:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(3)
+        extra = {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True} if variant == "odd" else {}
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=24, n_head=3, vocab_size=50, n_positions=16, **extra))
+        _models[variant] = fp.models.from_hf(hf.eval())
+    return _models[variant]
+
+
+def pair(graph="split", variant="plain", **kw):
+    model = gpt2(variant)
+    lean = fp.patchable(model, **GRAPHS[graph], **kw)
+    hooks = fp.patchable(model, lean=False, **GRAPHS[graph], **kw)
+    assert lean.lean is not None and hooks.lean is None
+    return lean, hooks
+
+
+def random_state(pm, corrupt, seed, batch=None, **ablation):
+    state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, corrupt, **ablation))
+    g = torch.Generator().manual_seed(seed)
+    lead = () if batch is None else (batch,)
+    return dataclasses.replace(state, masks={k: torch.rand(lead + v.shape, generator=g)
+                                             for k, v in state.masks.items()})
+
+
+def padding(batch=3, seq=6, seed=0):
+    """Left padding in row 0, right padding in row 1, none elsewhere."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :2] = 0
+    mask[1, -1] = 0
+    return mask
+
+
+def test_lean_is_chosen_for_gpt2_only(transformer):
+    pm = fp.patchable(transformer)
+    is_gpt2 = type(getattr(transformer, "original_model", None)).__name__ == "GPT2LMHeadModel"
+    assert (pm.lean is not None) == is_gpt2
+
+
+@settings(max_examples=25, deadline=None)
+@given(graph=st.sampled_from(sorted(GRAPHS)), variant=st.sampled_from(["plain", "odd"]), seed=st.integers(0, 10_000),
+       batched_masks=st.booleans(), padded=st.booleans(), keep=st.sampled_from([0, 1, 3]))
+def test_patched_forward_equals_hook_path(graph, variant, seed, batched_masks, padded, keep):
+    lean, hooks = pair(graph, variant)
+    clean, corrupt = tokens(seed), tokens(seed + 1)
+    kwargs = {"attention_mask": padding()} if padded else {}
+    state = random_state(hooks, corrupt, seed, batch=3 if batched_masks else None)
+    out_l, srcs_l = fp.record_src_outs(lean, corrupt, **kwargs)
+    out_h, srcs_h = fp.record_src_outs(hooks, corrupt, **kwargs)
+    torch.testing.assert_close(out_l, out_h, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(srcs_l, srcs_h, atol=2e-6, rtol=1e-5)
+    if keep:
+        kwargs["logits_to_keep"] = keep
+    a = fp.patched_forward(lean, state, clean, **kwargs)
+    b = fp.patched_forward(hooks, state, clean, **kwargs)
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ablation", list(fp.AblationType))
+def test_every_ablation_type_equals_hook_path(ablation):
+    lean, hooks = pair("split")
+    clean, corrupt = tokens(5), tokens(6)
+    loader = fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, clean[:, -1:], corrupt[:, -1:]), seq_len=None,
+                                 batch_size=3)
+    sample = loader if ablation.mean_over_dataset else corrupt
+    patch = fp.src_ablations(hooks, sample, ablation)
+    torch.testing.assert_close(fp.src_ablations(lean, sample, ablation), patch, atol=2e-6, rtol=1e-5)
+    state = fp.patch_mode(hooks, fp.init_state(hooks), patch)
+    state = fp.set_all_masks(state, 0.7)
+    torch.testing.assert_close(fp.patched_forward(lean, state, clean), fp.patched_forward(hooks, state, clean),
+                               atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+def test_mask_gradients_equal_hook_path(graph):
+    lean, hooks = pair(graph, slice_output="last_seq")
+    clean, corrupt = tokens(7), tokens(8)
+    state = random_state(hooks, corrupt, 7)
+
+    def loss(pm):
+        return lambda masks: fp.patched_forward(pm, dataclasses.replace(state, masks=masks), clean)[
+            pm.out_slice].logsumexp(-1).sum()
+
+    gl, gh = grad(loss(lean))(state.masks), grad(loss(hooks))(state.masks)
+    for k in gh:
+        torch.testing.assert_close(gl[k], gh[k], atol=1e-5, rtol=1e-4)
+    # plain autograd (not torch.func) and the in-place no-grad path agree as well
+    masks = {k: v.clone().requires_grad_() for k, v in state.masks.items()}
+    loss(lean)(masks).backward()
+    for k in gh:
+        torch.testing.assert_close(masks[k].grad, gh[k], atol=1e-5, rtol=1e-4)
+
+
+def test_weight_gradients_through_params_equal_hook_path():
+    lean, hooks = pair("split", slice_output="last_seq")
+    clean, corrupt = tokens(9), tokens(10)
+    state = random_state(hooks, corrupt, 9)
+    params = {k: v.detach() for k, v in gpt2().named_parameters()}
+
+    def loss(pm):
+        return lambda p: fp.patched_forward(pm, state, clean, params=p)[pm.out_slice].pow(2).sum()
+
+    gl, gh = grad(loss(lean))(params), grad(loss(hooks))(params)
+    assert sum(int(g.abs().sum() > 0) for g in gh.values()) > 10
+    for k in gh:
+        torch.testing.assert_close(gl[k], gh[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_params_override_any_alias_of_a_weight():
+    """A weight reachable under several names (wrappers, tied embeddings) is replaced
+    whichever name ``params`` uses: the same output as changing the weight in place."""
+    lean, _ = pair("split")
+    clean, corrupt = tokens(11), tokens(12)
+    state = random_state(lean, corrupt, 11)
+    named = dict(gpt2().named_parameters(remove_duplicate=False))
+    picked = [n for n in named if any(k in n for k in ("wte", "lm_head", "h.1.ln2", "h.1._original_component.ln_2",
+                                                      "h.2.attn.q.", "h.0.attn.o.", "mlp.in.", "ln_f"))]
+    assert len(picked) >= 10
+    for name in picked:
+        weight = named[name]
+        bump = 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+        via_params = fp.patched_forward(lean, state, clean, params={name: weight.detach() + bump})
+        with torch.no_grad():
+            weight.add_(bump)
+        try:
+            in_place = fp.patched_forward(lean, state, clean)
+        finally:
+            with torch.no_grad():
+                weight.sub_(bump)
+        assert not torch.allclose(in_place, fp.patched_forward(lean, state, clean)), name
+        torch.testing.assert_close(via_params, in_place, atol=2e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_vmap_over_masks_equals_a_loop():
+    lean, _ = pair("split", slice_output="last_seq")
+    clean, corrupt = tokens(13), tokens(14)
+    state = random_state(lean, corrupt, 13)
+    stacked = {k: torch.stack([v, v * 0.5, 1 - v]) for k, v in state.masks.items()}
+
+    def f(masks):
+        return fp.patched_forward(lean, dataclasses.replace(state, masks=masks), clean)[lean.out_slice]
+
+    out = vmap(f)(stacked)
+    for i in range(3):
+        torch.testing.assert_close(out[i], f({k: v[i] for k, v in stacked.items()}), atol=1e-6, rtol=1e-5)
+
+
+def test_unsupported_calls_take_the_hook_path():
+    lean, hooks = pair("split")
+    clean = tokens(15)
+    state = fp.set_all_masks(random_state(hooks, tokens(16), 15), 0.0)
+    # return_type="loss" is not something funcpatch's forward computes: the bridge runs it
+    loss_l = fp.patched_forward(lean, state, clean, return_type="loss")
+    torch.testing.assert_close(loss_l, gpt2()(clean, return_type="loss"))
+
+
+def test_threads_run_concurrently_and_each_gets_its_own_answer():
+    lean, hooks = pair("split", slice_output="last_seq")
+    clean, corrupt = tokens(17), tokens(18)
+    base = random_state(hooks, corrupt, 17)
+    states = [fp.set_all_masks(base, v) for v in torch.linspace(0, 1, 8).tolist()]
+    expected = [fp.patched_forward(hooks, s, clean) for s in states]
+    got = [None] * len(states)
+
+    def work(i):
+        for _ in range(5):
+            got[i] = fp.patched_forward(lean, states[i], clean)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(states))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-6, rtol=1e-5)
+
+
+def test_wrong_patch_shape_is_a_clear_error_on_the_lean_path():
+    lean, _ = pair("split")
+    state = random_state(lean, tokens(19, seq=5), 19)
+    with pytest.raises(ValueError, match="compute the patch values on inputs of the same shape"):
+        fp.patched_forward(lean, state, tokens(20))
