@@ -190,7 +190,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
     and joined per destination group.
     """
 
-    def __init__(self, pm, state: PatchState):
+    def __init__(self, pm, state: PatchState, before: Optional[torch.Tensor] = None):
         super().__init__(pm)
         self.state = state
         self.patch = state.patch_src_outs
@@ -198,6 +198,10 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.diffs: Dict[str, torch.Tensor] = {}
         self.buffer: Optional[torch.Tensor] = None
         self.in_place = not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+        if before is not None:  # a resumed forward: the first sources ran in an earlier one
+            for s in pm.graph.src_modules:
+                if s.srcs[1] <= before.shape[0]:
+                    self.src(s.module_name, before[s.srcs[0]:s.srcs[1]])
 
     def src(self, name, out):
         src = self.src_modules.get(name)
@@ -207,7 +211,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
             check_patch_shape(patch, out, name)
             if self.in_place:
                 if self.buffer is None:
-                    self.buffer = out.new_empty((self.patch.shape[0],) + out.shape[1:])
+                    self.buffer = out.new_empty((self.patch.shape[0] + 1,) + out.shape[1:])  # + residual slot
                 self.diffs[name] = torch.sub(patch, out, out=self.buffer[lo:hi])
             else:
                 self.diffs[name] = patch - out
@@ -221,13 +225,64 @@ class SrcMajorPatcher(SrcMajorRecorder):
         lo, hi = group[0].in_srcs
         chunks = _recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
         if self.in_place:
-            diff = self.buffer[lo:hi]  # [n_in, batch, pos, d]
+            # The residual joins the differences as one more "source" with weight 1, so the
+            # product needs no separate add; its slot is free (that source runs later).
+            self.buffer[hi].copy_(x)
+            diff = self.buffer[lo:hi + 1]  # [n_in + 1, batch, pos, d]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[:-1] + (1,))], dim=-1)
         else:
-            diff = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+            diff = torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # [n_in, batch, pos, d]
         n, b, p, d = diff.shape
-        if mask.shape[0] == 1 and mask.shape[1] == 1:
-            return torch.addmm(x.reshape(1, -1), mask[0, 0], diff.reshape(n, -1)).view(-1, b, p, d)
-        return x + torch.einsum("bphn,nbpd->hbpd", mask.expand(b, p, *mask.shape[2:]), diff)
+        if mask.shape[1] == 1:  # the same masks at every position
+            if mask.shape[0] == 1:
+                flat = diff.reshape(n, -1)
+                out = torch.mm(mask[0, 0], flat) if self.in_place else torch.addmm(x.reshape(1, -1), mask[0, 0], flat)
+                return out.view(-1, b, p, d)
+            # masks per batch row: one product per row, reading the differences in place; the
+            # result is batch-major underneath ([batch, heads_total, pos, d])
+            rows = diff.transpose(0, 1).flatten(2)
+            out = torch.bmm(mask[:, 0], rows) if self.in_place else torch.baddbmm(x.reshape(b, 1, p * d), mask[:, 0],
+                                                                                   rows)
+            return out.view(b, -1, p, d).transpose(0, 1)
+        delta = torch.einsum("bphn,nbpd->hbpd", mask.expand(b, p, *mask.shape[2:]), diff)
+        return delta if self.in_place else x + delta
+
+
+class BlockInputRecorder(SrcMajorRecorder):
+    """A recorder that also keeps the residual entering each block (for resumed forwards)."""
+
+    def __init__(self, pm):
+        super().__init__(pm)
+        self.block_inputs: Dict[int, Tuple[torch.Tensor, int]] = {}  # block -> (resid, n sources before)
+
+    def block_input(self, i: int, resid: torch.Tensor) -> None:
+        self.block_inputs[i] = (resid, sum(o.shape[0] for o in self.outs.values()))
+
+
+def record_block_inputs(pm, *args, **kwargs):
+    """A plain forward of a model with a lean forward (:mod:`funcpatch.lean`) that returns
+    ``(out, src_outs [n_srcs, batch, pos, d], {block: (resid entering it, n sources
+    before it)})``: what :func:`resumed_patched_forward` starts from. None without one."""
+    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None)
+    if run is None:
+        return None
+    rec = BlockInputRecorder(pm)
+    out = run(rec)
+    return out, rec.stacked(), rec.block_inputs
+
+
+def resumed_patched_forward(pm, state: PatchState, block: int, resid: torch.Tensor, src_outs: torch.Tensor,
+                            *args, **kwargs):
+    """:func:`patched_forward` started at transformer ``block`` (lean forwards only).
+
+    Exact when no destination before ``block`` is patched (their masks are 0) and
+    ``resid``/``src_outs`` come from an unpatched forward on the same inputs
+    (:func:`record_block_inputs`): the residual entering the block and the outputs
+    ``[n_before, batch, pos, d]`` of the sources before it. Returns None when the model
+    or the call has no lean forward (then run :func:`patched_forward`).
+    """
+    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(block, resid))
+    return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs))
 
 
 def _run(pm, hook_visitor, lean_visitor, args, kwargs, params):

@@ -93,7 +93,7 @@ class LeanGPT2:
                 and not getattr(cfg, "reorder_and_upcast_attn", False) and not getattr(cfg, "add_cross_attention", False)
                 and hasattr(bridge, "blocks") and len(bridge.blocks) == cfg.n_layer)
 
-    def bind(self, args, kwargs, params: Optional[Mapping[str, torch.Tensor]]):
+    def bind(self, args, kwargs, params: Optional[Mapping[str, torch.Tensor]], resume=None):
         """``run(visitor) -> logits`` for this call, or None when the call is not one this
         forward reproduces (then the hook path runs)."""
         if self.model.training or len(args) != 1 or not isinstance(args[0], torch.Tensor):
@@ -114,22 +114,32 @@ class LeanGPT2:
                     if n in params:
                         w[k] = params[n]
                         break
-        return lambda visitor: self.forward(w, tokens, visitor, attention_mask, keep)
+        return lambda visitor: self.forward(w, tokens, visitor, attention_mask, keep, resume)
 
     def forward(self, w: Mapping[str, torch.Tensor], tokens: torch.Tensor, visitor,
-                attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
+                resume: Optional[Tuple[int, torch.Tensor]] = None) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]`` (the last ``logits_to_keep`` positions if > 0).
 
         ``visitor`` sees the nodes in source-major layout: ``visitor.src(hook, out)``
         with ``out [k, batch, pos, d]`` (k heads, or 1) and ``visitor.dest(hooks, x)``
         with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
         returns their patched inputs ``[heads_total, batch, pos, d]`` or None (unpatched).
+        A visitor with ``block_input(i, resid)`` also sees the residual entering each block.
+
+        ``resume=(block, resid)`` starts at ``block`` from the residual entering it (the
+        visitor must already hold the sources before it); earlier blocks do not run.
         """
         p = tokens.shape[1]
-        resid = F.embedding(tokens, w["wte"]) + F.embedding(_positions(attention_mask, p, tokens.device), w["wpe"])
-        resid = _node(visitor, "blocks.0.hook_resid_pre", resid)
+        start, resid = resume or (0, None)
+        if resid is None:
+            pos = _positions(attention_mask, p, tokens.device)
+            resid = _node(visitor, "blocks.0.hook_resid_pre", F.embedding(tokens, w["wte"]) + F.embedding(pos, w["wpe"]))
         add_mask = _additive_mask(attention_mask, p, resid.dtype)
-        for i in range(self.n_layers):
+        block_input = getattr(visitor, "block_input", None)
+        for i in range(start, self.n_layers):
+            if block_input is not None:
+                block_input(i, resid)
             pre = f"blocks.{i}."
             resid = _node(visitor, pre + "hook_resid_mid", resid + self._attention(w, i, resid, visitor, add_mask))
             x = visitor.dest([pre + "hook_mlp_in"], resid)
@@ -154,9 +164,14 @@ class LeanGPT2:
         ln = (w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], self.eps)
         x = visitor.dest([pre + f"hook_{n}_input" for n in "qkv"], resid)  # [3H, b, p, d]: own copy each
         if x is not None:
-            x = F.layer_norm(x, (d,), *ln).view(3 * H, b * p, d)
-            qkv = torch.baddbmm(torch.cat([bq, bk, bv]), x, torch.cat([wq, wk, wv]).transpose(1, 2))
-            q, k, v = qkv.view(3, H, b, p, dh).unbind(0)  # [H, b, p, dh]
+            w_in, b_in = torch.cat([wq, wk, wv]).transpose(1, 2), torch.cat([bq, bk, bv])  # [3H, d, dh], [3H, 1, dh]
+            if x.is_contiguous():  # head-major: one product per head over all rows
+                x = F.layer_norm(x, (d,), *ln).view(3 * H, b * p, d)
+                q, k, v = torch.baddbmm(b_in, x, w_in).view(3, H, b, p, dh).unbind(0)  # [H, b, p, dh]
+            else:  # batch-major underneath (masks per batch row): keep that layout, no copy
+                x = F.layer_norm(x.transpose(0, 1), (d,), *ln)  # [b, 3H, p, d]
+                qkv = torch.matmul(x, w_in) + b_in  # [b, 3H, p, dh]
+                q, k, v = qkv.view(b, 3, H, p, dh).permute(1, 2, 0, 3, 4).unbind(0)  # [H, b, p, dh] views
         else:
             x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
             if x is not None:

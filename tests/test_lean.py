@@ -63,8 +63,9 @@ def test_lean_is_chosen_for_gpt2_only(transformer):
 
 @settings(max_examples=25, deadline=None)
 @given(graph=st.sampled_from(sorted(GRAPHS)), variant=st.sampled_from(["plain", "odd"]), seed=st.integers(0, 10_000),
-       batched_masks=st.booleans(), padded=st.booleans(), keep=st.sampled_from([0, 1, 3]))
-def test_patched_forward_equals_hook_path(graph, variant, seed, batched_masks, padded, keep):
+       batched_masks=st.booleans(), padded=st.booleans(), keep=st.sampled_from([0, 1, 3]), no_grad=st.booleans())
+def test_patched_forward_equals_hook_path(graph, variant, seed, batched_masks, padded, keep, no_grad):
+    """Also under no_grad, where differences go to one buffer written in place."""
     lean, hooks = pair(graph, variant)
     clean, corrupt = tokens(seed), tokens(seed + 1)
     kwargs = {"attention_mask": padding()} if padded else {}
@@ -75,7 +76,8 @@ def test_patched_forward_equals_hook_path(graph, variant, seed, batched_masks, p
     torch.testing.assert_close(srcs_l, srcs_h, atol=2e-6, rtol=1e-5)
     if keep:
         kwargs["logits_to_keep"] = keep
-    a = fp.patched_forward(lean, state, clean, **kwargs)
+    with torch.set_grad_enabled(not no_grad):
+        a = fp.patched_forward(lean, state, clean, **kwargs)
     b = fp.patched_forward(hooks, state, clean, **kwargs)
     assert a.shape == b.shape
     torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)

@@ -70,7 +70,7 @@ import torch
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, progress_bar,
                                 resolve_clean_corrupt)
-from funcpatch.forward import patched_forward
+from funcpatch.forward import patched_forward, record_block_inputs, resumed_patched_forward
 from funcpatch.graph import Edge
 from funcpatch.metrics import kl_divergence
 from funcpatch.patchable import PatchableModel
@@ -142,6 +142,8 @@ def lean_output_kwargs(pm, tokens, kwargs, full_out) -> Dict[str, int]:
     """
     if pm.slice_output != "last_seq" or not pm.is_transformer:
         return {}
+    if pm.lean is not None:  # funcpatch's own forward takes it (tests/test_lean.py)
+        return {"logits_to_keep": 1}
     try:
         with torch.no_grad():
             out = pm.model(tokens, logits_to_keep=1, **kwargs)
@@ -175,6 +177,15 @@ class _Evaluator:
             index[e.dest.module_name][e.patch_idx] = i
         self.index = {m: idx.to(self.device) for m, idx in index.items()}
         self.dtype = next(iter(self.template.masks.values())).dtype if index else torch.float32
+        # Resuming: with a lean forward, a circuit whose removed edges all lie in blocks >= s
+        # runs exactly as the clean forward before block s, so its forward starts there.
+        rec = record_block_inputs(pm, tokens, **kwargs, **lean_kwargs) if g.factorized else None
+        self.block_inputs = None if rec is None else rec[2]
+        if self.block_inputs is not None:
+            self.src_outs = rec[1]
+            last = max(self.block_inputs)
+            self.edge_block = torch.tensor([min(_dest_block(e.dest.module_name), last) for e in g.edges] + [last],
+                                           device=self.device)
 
     def masks(self, removed: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``removed [K, n_edges]`` -> masks ``{module: [K, *mask_shape]}`` (1 = removed)."""
@@ -193,9 +204,20 @@ class _Evaluator:
         masks = {m: v.repeat_interleave(self.batch, dim=0) for m, v in self.masks(removed).items()}
         state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self._tile(self.patch, k, 1))
         kwargs = {name: self._tile(v, k) for name, v in self.kwargs.items()}
+        tokens = self._tile(self.tokens, k)
         with torch.no_grad():
-            out = patched_forward(self.pm, state, self._tile(self.tokens, k), **kwargs,
-                                  **self.lean_kwargs)[self.pm.out_slice]
+            out = None
+            if self.block_inputs is not None:
+                start = int(self.edge_block[torch.nonzero(removed.any(0))[:, 0]].min()) if removed.any() else \
+                    int(self.edge_block[-1])
+                if start > 0:
+                    resid, n_before = self.block_inputs[start]
+                    out = resumed_patched_forward(self.pm, state, start, self._tile(resid, k),
+                                                  self._tile(self.src_outs[:n_before], k, 1), tokens, **kwargs,
+                                                  **self.lean_kwargs)
+            if out is None:
+                out = patched_forward(self.pm, state, tokens, **kwargs, **self.lean_kwargs)
+        out = out[self.pm.out_slice]
         return out.reshape(k, self.batch, *out.shape[1:])
 
     def faith(self, outs: torch.Tensor) -> torch.Tensor:
@@ -216,6 +238,13 @@ class _Evaluator:
             if keep_outputs:
                 outs.append(o)
         return faiths, (torch.cat(outs) if keep_outputs else None)
+
+
+def _dest_block(module_name: str) -> int:
+    """The first transformer block a destination's patch can change (its own; after the
+    last block for the final residual)."""
+    block = int(module_name.split(".")[1])
+    return block + 1 if module_name.endswith("hook_resid_post") else block
 
 
 # --------------------------------------------------------------------------------------
@@ -275,7 +304,7 @@ def _first_batch(dataloader):
 def acdc_runs(pm: PatchableModel, dataloader, taus: Sequence[float], *,
               faithfulness_target: Literal["kl_div", "mse"] = "kl_div",
               ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
-              test_mode: bool = False, progress: bool = True, lookahead: int = 16,
+              test_mode: bool = False, progress: bool = True, lookahead: int = 2,
               max_batch_rows: Optional[int] = None) -> List[AcdcRun]:
     """One greedy ACDC run per threshold in ``taus``; see the module docstring.
 
@@ -412,7 +441,7 @@ def acdc(pm: PatchableModel, dataloader, tao_exps: Sequence[int] = DEFAULT_TAO_E
          faithfulness_target: Literal["kl_div", "mse"] = "kl_div",
          ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
          test_mode: bool = False, progress: bool = True, *, taus: Optional[Sequence[float]] = None,
-         lookahead: int = 16, max_batch_rows: Optional[int] = None) -> PruneScores:
+         lookahead: int = 2, max_batch_rows: Optional[int] = None) -> PruneScores:
     """ACDC prune scores (auto-circuit's ``acdc_prune_scores``; see the module docstring).
 
     Runs greedy ACDC at every ``τ = base * 10**exp`` (or at ``taus`` when given) on the
