@@ -173,6 +173,9 @@ class SrcMajorRecorder:
     def dest(self, names, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # nothing is patched: the forward takes its plain path
 
+    def narrow(self, k: int) -> bool:
+        return False  # records every position
+
     def stacked(self) -> torch.Tensor:
         parts = _recorded(self.pm, self.outs, 0, len(self.pm.graph.srcs), "the end of the forward")
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -198,21 +201,29 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.diffs: Dict[str, torch.Tensor] = {}
         self.buffer: Optional[torch.Tensor] = None
         self.in_place = not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+        self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         if before is not None:  # a resumed forward: the first sources ran in an earlier one
             for s in pm.graph.src_modules:
                 if s.srcs[1] <= before.shape[0]:
                     self.src(s.module_name, before[s.srcs[0]:s.srcs[1]])
 
+    def narrow(self, k: int) -> bool:
+        self.tail = k
+        return True
+
+    def _positions(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        return t if self.tail is None else t.narrow(dim, t.shape[dim] - self.tail, self.tail)
+
     def src(self, name, out):
         src = self.src_modules.get(name)
         if src is not None:
             lo, hi = src.srcs
-            patch = self.patch[lo:hi]
+            patch = self._positions(self.patch[lo:hi])
             check_patch_shape(patch, out, name)
             if self.in_place:
                 if self.buffer is None:
                     self.buffer = out.new_empty((self.patch.shape[0] + 1,) + out.shape[1:])  # + residual slot
-                self.diffs[name] = torch.sub(patch, out, out=self.buffer[lo:hi])
+                self.diffs[name] = torch.sub(patch, out, out=self._positions(self.buffer[lo:hi]))
             else:
                 self.diffs[name] = patch - out
 
@@ -222,15 +233,18 @@ class SrcMajorPatcher(SrcMajorRecorder):
             return None
         assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
         mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
+        if mask.shape[1] > 1:
+            mask = self._positions(mask, 1)
         lo, hi = group[0].in_srcs
         chunks = _recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
         if self.in_place:
             # The residual joins the differences as one more "source" with weight 1, so the
             # product needs no separate add; its slot is free (that source runs later).
-            self.buffer[hi].copy_(x)
-            diff = self.buffer[lo:hi + 1]  # [n_in + 1, batch, pos, d]
+            self._positions(self.buffer[hi], 1).copy_(x)
+            diff = self._positions(self.buffer[lo:hi + 1])  # [n_in + 1, batch, pos, d]
             mask = torch.cat([mask, mask.new_ones(mask.shape[:-1] + (1,))], dim=-1)
         else:
+            chunks = [self._positions(c) for c in chunks]
             diff = torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # [n_in, batch, pos, d]
         n, b, p, d = diff.shape
         if mask.shape[1] == 1:  # the same masks at every position

@@ -126,6 +126,9 @@ class LeanGPT2:
         with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
         returns their patched inputs ``[heads_total, batch, pos, d]`` or None (unpatched).
         A visitor with ``block_input(i, resid)`` also sees the residual entering each block.
+        With ``logits_to_keep`` and a visitor whose ``narrow(k)`` returns True, everything
+        after the last block's attention runs on the last ``k`` positions only (nothing
+        there reads other positions); the visitor then sees ``pos = k``.
 
         ``resume=(block, resid)`` starts at ``block`` from the residual entering it (the
         visitor must already hold the sources before it); earlier blocks do not run.
@@ -141,7 +144,11 @@ class LeanGPT2:
             if block_input is not None:
                 block_input(i, resid)
             pre = f"blocks.{i}."
-            resid = _node(visitor, pre + "hook_resid_mid", resid + self._attention(w, i, resid, visitor, add_mask))
+            tail = logits_to_keep if i == self.n_layers - 1 and 0 < logits_to_keep < p else 0
+            attn = self._attention(w, i, resid, visitor, add_mask, tail)
+            if attn.shape[1] < p:
+                resid = resid[:, -tail:]
+            resid = _node(visitor, pre + "hook_resid_mid", resid + attn)
             x = visitor.dest([pre + "hook_mlp_in"], resid)
             x = resid if x is None else x[0]
             x = F.layer_norm(x, x.shape[-1:], w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], self.eps)
@@ -150,12 +157,13 @@ class LeanGPT2:
             visitor.src(pre + "hook_mlp_out", x.unsqueeze(0))
             resid = _node(visitor, pre + "hook_resid_post", resid + x)
         if logits_to_keep > 0:
-            resid = resid[:, -logits_to_keep:]
+            resid = resid[:, -logits_to_keep:]  # (already so when the visitor narrowed)
         x = F.layer_norm(resid, resid.shape[-1:], w["ln_f.w"], w["ln_f.b"], self.eps)
         return F.linear(x, w["unembed.w"], w.get("unembed.b"))
 
-    def _attention(self, w, i: int, resid: torch.Tensor, visitor, add_mask) -> torch.Tensor:
-        """Attention block ``i``'s output ``[batch, pos, d]`` (per-head results go to the visitor)."""
+    def _attention(self, w, i: int, resid: torch.Tensor, visitor, add_mask, tail: int = 0) -> torch.Tensor:
+        """Attention block ``i``'s output ``[batch, pos, d]`` (per-head results go to the visitor);
+        with ``tail`` and a visitor that narrows, the last ``tail`` query positions only."""
         b, p, d = resid.shape
         H, dh = self.n_heads, self.d_head
         pre = f"blocks.{i}."
@@ -184,14 +192,15 @@ class LeanGPT2:
                 qkv = F.linear(x, torch.cat([wq, wk, wv]).view(3 * d, d), torch.cat([bq, bk, bv]).view(3 * d))
                 q, k, v = qkv.view(b, p, 3, H, dh).permute(2, 3, 0, 1, 4).unbind(0)
         scale = dh ** -0.5 / (i + 1 if self.inverse_layer_scale else 1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [H, b, p, p]
+        rows = tail if tail and visitor.narrow(tail) else p  # query positions computed
+        scores = torch.matmul(q[:, :, p - rows:], k.transpose(-1, -2)) * scale  # [H, b, rows, p]
         if add_mask is None:
-            causal = torch.ones(p, p, dtype=torch.bool, device=scores.device).tril()
+            causal = torch.ones(p, p, dtype=torch.bool, device=scores.device).tril()[p - rows:]
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         else:
-            scores = scores + add_mask
-        z = torch.matmul(scores.softmax(-1), v).view(H, b * p, dh)
-        per_head = torch.bmm(z, w[f"{i}.o.w"].view(H, dh, d)).view(H, b, p, d)
+            scores = scores + add_mask[:, p - rows:]
+        z = torch.matmul(scores.softmax(-1), v).reshape(H, b * rows, dh)
+        per_head = torch.bmm(z, w[f"{i}.o.w"].view(H, dh, d)).view(H, b, rows, d)
         visitor.src(pre + "attn.hook_result", per_head)
         return per_head.sum(0) + w[f"{i}.o.b"]
 
