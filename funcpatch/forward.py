@@ -176,6 +176,9 @@ class SrcMajorRecorder:
     def narrow(self, k: int) -> bool:
         return False  # records every position
 
+    def dest_slots(self, names, x: torch.Tensor, sparse: bool = True):
+        return None
+
     def stacked(self) -> torch.Tensor:
         parts = _recorded(self.pm, self.outs, 0, len(self.pm.graph.srcs), "the end of the forward")
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -228,6 +231,14 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 self.diffs[name] = patch - out
 
     def dest(self, names, x):
+        got = self.dest_slots(names, x, sparse=False)
+        return None if got is None else got[1]
+
+    def dest_slots(self, names, x, sparse: bool = True):
+        """Like ``dest``, returning ``(slots, inputs)``. ``slots`` None: ``inputs`` holds every
+        head slot. Otherwise (``sparse``, when nothing records the forward and some slots'
+        masks are 0 in every row) ``inputs [len(slots), ...]`` holds only the slots whose
+        masks are not: the others read ``x`` itself."""
         group = [self.dest_modules[n] for n in names if n in self.dest_modules]
         if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
             return None
@@ -235,6 +246,17 @@ class SrcMajorPatcher(SrcMajorRecorder):
         mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
         if mask.shape[1] > 1:
             mask = self._positions(mask, 1)
+        slots = None
+        if sparse and self.in_place and mask.shape[-2] > 1:
+            touched = (mask != 0).flatten(0, 1).any(0).any(-1)  # [heads_total]
+            if not bool(touched.all()):
+                slots = touched.nonzero()[:, 0]
+                mask = mask.index_select(-2, slots)
+                if len(slots) == 0:
+                    return slots, x.new_empty((0,) + x.shape)
+        return slots, self._inputs(group, mask, x)
+
+    def _inputs(self, group, mask, x):
         lo, hi = group[0].in_srcs
         chunks = _recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
         if self.in_place:

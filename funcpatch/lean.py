@@ -170,16 +170,18 @@ class LeanGPT2:
         wq, wk, wv = (w[f"{i}.{x}.w"].view(H, dh, d) for x in "qkv")  # per head: [dh, d]
         bq, bk, bv = (w[f"{i}.{x}.b"].view(H, 1, dh) for x in "qkv")
         ln = (w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], self.eps)
-        x = visitor.dest([pre + f"hook_{n}_input" for n in "qkv"], resid)  # [3H, b, p, d]: own copy each
-        if x is not None:
+        got = visitor.dest_slots([pre + f"hook_{n}_input" for n in "qkv"], resid)  # each its own copy
+        if got is not None:
             w_in, b_in = torch.cat([wq, wk, wv]).transpose(1, 2), torch.cat([bq, bk, bv])  # [3H, d, dh], [3H, 1, dh]
-            if x.is_contiguous():  # head-major: one product per head over all rows
-                x = F.layer_norm(x, (d,), *ln).view(3 * H, b * p, d)
-                q, k, v = torch.baddbmm(b_in, x, w_in).view(3, H, b, p, dh).unbind(0)  # [H, b, p, dh]
-            else:  # batch-major underneath (masks per batch row): keep that layout, no copy
-                x = F.layer_norm(x.transpose(0, 1), (d,), *ln)  # [b, 3H, p, d]
-                qkv = torch.matmul(x, w_in) + b_in  # [b, 3H, p, dh]
-                q, k, v = qkv.view(b, 3, H, p, dh).permute(1, 2, 0, 3, 4).unbind(0)  # [H, b, p, dh] views
+            slots, x = got
+            if slots is None:
+                qkv = _project_per_head(x, ln, w_in, b_in)  # [3H, b, p, dh]
+            else:  # only some slots are patched: the others project the residual itself
+                qkv = F.linear(F.layer_norm(resid, (d,), *ln), w_in.transpose(1, 2).reshape(3 * d, d),
+                               b_in.view(3 * d)).view(b, p, 3 * H, dh).permute(2, 0, 1, 3)
+                if len(slots):
+                    qkv = qkv.index_copy(0, slots, _project_per_head(x, ln, w_in[slots], b_in[slots]))
+            q, k, v = qkv.reshape(3, H, b, p, dh).unbind(0)  # [H, b, p, dh]
         else:
             x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
             if x is not None:
@@ -203,6 +205,17 @@ class LeanGPT2:
         per_head = torch.bmm(z, w[f"{i}.o.w"].view(H, dh, d)).view(H, b, rows, d)
         visitor.src(pre + "attn.hook_result", per_head)
         return per_head.sum(0) + w[f"{i}.o.b"]
+
+
+def _project_per_head(x: torch.Tensor, ln, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Layer norm then each slot's own projection: ``x [m, b, p, d]`` -> ``[m, b, p, dh]``
+    (``w [m, d, dh]``, ``bias [m, 1, dh]``). ``x`` may be batch-major underneath (a
+    transposed ``[b, m, p, d]``, as per-row masks give): then it stays so, uncopied."""
+    m, b, p, d = x.shape
+    if x.is_contiguous():  # head-major: one product per slot over all rows
+        return torch.baddbmm(bias, F.layer_norm(x, (d,), *ln).view(m, b * p, d), w).view(m, b, p, -1)
+    x = F.layer_norm(x.transpose(0, 1), (d,), *ln)  # [b, m, p, d]
+    return (torch.matmul(x, w) + bias).transpose(0, 1)
 
 
 def _node(visitor, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -63,13 +63,23 @@ def test_lean_is_chosen_for_gpt2_only(transformer):
 
 @settings(max_examples=25, deadline=None)
 @given(graph=st.sampled_from(sorted(GRAPHS)), variant=st.sampled_from(["plain", "odd"]), seed=st.integers(0, 10_000),
-       batched_masks=st.booleans(), padded=st.booleans(), keep=st.sampled_from([0, 1, 3]), no_grad=st.booleans())
-def test_patched_forward_equals_hook_path(graph, variant, seed, batched_masks, padded, keep, no_grad):
-    """Also under no_grad, where differences go to one buffer written in place."""
+       batched_masks=st.booleans(), padded=st.booleans(), keep=st.sampled_from([0, 1, 3]), no_grad=st.booleans(),
+       zero_heads=st.booleans())
+def test_patched_forward_equals_hook_path(graph, variant, seed, batched_masks, padded, keep, no_grad, zero_heads):
+    """Also under no_grad, where differences go to one buffer written in place and head
+    slots whose masks are all 0 read the residual unpatched."""
     lean, hooks = pair(graph, variant)
     clean, corrupt = tokens(seed), tokens(seed + 1)
     kwargs = {"attention_mask": padding()} if padded else {}
     state = random_state(hooks, corrupt, seed, batch=3 if batched_masks else None)
+    if zero_heads:  # every V input and head 0's Q input unpatched
+        masks = {k: v.clone() for k, v in state.masks.items()}
+        for k, v in masks.items():
+            if k.endswith("hook_v_input") or k.endswith("hook_attn_in"):
+                v.zero_()
+            if k.endswith("hook_q_input"):
+                v[..., 0, :] = 0
+        state = dataclasses.replace(state, masks=masks)
     out_l, srcs_l = fp.record_src_outs(lean, corrupt, **kwargs)
     out_h, srcs_h = fp.record_src_outs(hooks, corrupt, **kwargs)
     torch.testing.assert_close(out_l, out_h, atol=2e-6, rtol=1e-5)
