@@ -204,11 +204,15 @@ def _mem_subprocesses(jobs):
 
 
 def interleave(fns, reps: int, warmup: int = 1):
-    """Run ``fns`` (name -> callable returning seconds) round-robin; medians after warm-up."""
+    """Run ``fns`` (name -> callable returning seconds) round-robin; medians after warm-up.
+
+    The order rotates every round, so no function always runs right after the same
+    other one (after auto-circuit's process, say, with its data in the caches)."""
     times = {k: [] for k in fns}
+    names = list(fns)
     for i in range(warmup + reps):
-        for k, f in fns.items():
-            t = f()
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t = fns[k]()
             if i >= warmup:
                 times[k].append(t)
     return {k: C.median(v) for k, v in times.items()}, times

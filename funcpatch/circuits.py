@@ -98,6 +98,14 @@ def forward_kwargs(batch, which: Literal["clean", "corrupt"]) -> Dict[str, torch
     return {} if mask is None else {"attention_mask": mask}
 
 
+def last_position_kwargs(pm) -> Dict[str, int]:
+    """``{"logits_to_keep": 1}`` when a task scores the last position only
+    (``slice_output="last_seq"``) and the model runs funcpatch's own forward
+    (:mod:`funcpatch.lean`): the last block's tail and the unembedding then run at that
+    position alone, with the same scored outputs. ``{}`` otherwise."""
+    return {"logits_to_keep": 1} if pm.lean is not None and pm.slice_output == "last_seq" else {}
+
+
 def resolve_clean_corrupt(ablation_type: AblationType, clean_corrupt: Optional[str]) -> Optional[str]:
     """Which prompts a batch's ablation is computed on (None for the dataset-wide and ZERO types).
 
@@ -271,7 +279,7 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
     with torch.no_grad():
         for batch in batches:
             tokens = batch.clean if input_which == "clean" else batch.corrupt
-            kwargs = forward_kwargs(batch, input_which)
+            kwargs = {**forward_kwargs(batch, input_which), **last_position_kwargs(pm)}
             patch = batch_patch_values(pm, batch, patch_which, ablation_type, dataset_mean)
             state = patch_mode(pm, template, patch)
 

@@ -68,8 +68,8 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 import torch
 
 from funcpatch.ablation import AblationType, as_ablation_type
-from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, progress_bar,
-                                resolve_clean_corrupt)
+from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
+                                progress_bar, resolve_clean_corrupt)
 from funcpatch.forward import patched_forward, record_block_inputs, resumed_patched_forward
 from funcpatch.graph import Edge
 from funcpatch.metrics import kl_divergence
@@ -143,7 +143,7 @@ def lean_output_kwargs(pm, tokens, kwargs, full_out) -> Dict[str, int]:
     if pm.slice_output != "last_seq" or not pm.is_transformer:
         return {}
     if pm.lean is not None:  # funcpatch's own forward takes it (tests/test_lean.py)
-        return {"logits_to_keep": 1}
+        return last_position_kwargs(pm)
     try:
         with torch.no_grad():
             out = pm.model(tokens, logits_to_keep=1, **kwargs)

@@ -15,8 +15,8 @@ from torch.func import vmap
 
 from funcpatch.ablation import AblationType
 from funcpatch.algos.mask_gradient import _check_batch_answers, _check_common, answer_loss
-from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, materialize_batches,
-                                progress_bar)
+from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
+                                materialize_batches, progress_bar)
 from funcpatch.forward import patched_forward
 from funcpatch.state import init_state, patch_mode
 
@@ -101,7 +101,7 @@ def exact_patching(pm, dataloader, metric: Optional[Callable[[torch.Tensor, obje
         for batch in batches:
             patch = batch_patch_values(pm, batch, which, ablation_type, dataset_mean)
             state = patch_mode(pm, template, patch)
-            kwargs = forward_kwargs(batch, "clean")
+            kwargs = {**forward_kwargs(batch, "clean"), **last_position_kwargs(pm)}
 
             def loss(masks, state=state, batch=batch, kwargs=kwargs):
                 out = patched_forward(pm, dataclasses.replace(state, masks=masks), batch.clean, **kwargs)

@@ -30,8 +30,8 @@ from torch.func import grad, vmap
 
 from funcpatch import metrics
 from funcpatch.ablation import AblationType, as_ablation_type
-from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, materialize_batches,
-                                progress_bar, resolve_clean_corrupt)
+from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
+                                materialize_batches, progress_bar, resolve_clean_corrupt)
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.state import PatchState, edge_masks, init_state
 
@@ -144,7 +144,8 @@ def _masks_grad(pm, base: PatchState, patch: torch.Tensor, tokens, kwargs, answe
     EAP-IG-inputs, see :func:`eap_ig`).
     """
     def run(masks, patch_values):
-        out = patched_forward(pm, PatchState(masks, patch_values), tokens, **kwargs)[pm.out_slice]
+        out = patched_forward(pm, PatchState(masks, patch_values), tokens, **kwargs,
+                              **last_position_kwargs(pm))[pm.out_slice]
         return loss_fn(out, answers, wrong)
 
     def loss(masks):
