@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -173,7 +174,11 @@ class Peer:
         return res
 
     def time1(self, cmd: str, **kw) -> float:
-        return self.call(cmd, n=1, **kw)["times"][0]
+        t = self.call(cmd, n=1, **kw)["times"][0]
+        # torch's OpenMP threads in the other process spin for a while after its last
+        # parallel region; let them go idle before this process times anything
+        time.sleep(0.5)
+        return t
 
     def close(self):
         try:

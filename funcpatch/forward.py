@@ -9,6 +9,7 @@ destinations that read the same sources (a layer's Q, K and V inputs).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -18,6 +19,7 @@ from torch.func import functional_call
 
 from funcpatch.graph import DestModule, SrcModule
 from funcpatch.runtime import Visitor, activated, serialized, visiting
+from funcpatch.scratch import recording, scratch
 from funcpatch.state import PatchState, effective_mask
 
 
@@ -203,7 +205,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
         self.diffs: Dict[str, torch.Tensor] = {}
         self.buffer: Optional[torch.Tensor] = None
-        self.in_place = not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+        self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         if before is not None:  # a resumed forward: the first sources ran in an earlier one
             for s in pm.graph.src_modules:
@@ -225,7 +227,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
             check_patch_shape(patch, out, name)
             if self.in_place:
                 if self.buffer is None:
-                    self.buffer = out.new_empty((self.patch.shape[0] + 1,) + out.shape[1:])  # + residual slot
+                    self.buffer = _workspace((self.patch.shape[0] + 1,) + out.shape[1:], out)  # + residual slot
                 self.diffs[name] = torch.sub(patch, out, out=self._positions(self.buffer[lo:hi]))
             else:
                 self.diffs[name] = patch - out
@@ -272,8 +274,13 @@ class SrcMajorPatcher(SrcMajorRecorder):
         if mask.shape[1] == 1:  # the same masks at every position
             if mask.shape[0] == 1:
                 flat = diff.reshape(n, -1)
-                out = torch.mm(mask[0, 0], flat) if self.in_place else torch.addmm(x.reshape(1, -1), mask[0, 0], flat)
-                return out.view(-1, b, p, d)
+                if not self.in_place:
+                    return torch.addmm(x.reshape(1, -1), mask[0, 0], flat).view(-1, b, p, d)
+                # head slots are read once, right away (layer norm); a module's input may
+                # become the residual stream itself, so it gets its own tensor
+                heads = mask.shape[2]
+                out = None if heads == 1 else scratch("head inputs", (heads, flat.shape[1]), flat)
+                return torch.mm(mask[0, 0], flat, out=out).view(-1, b, p, d)
             # masks per batch row: one product per row, reading the differences in place; the
             # result is batch-major underneath ([batch, heads_total, pos, d])
             rows = diff.transpose(0, 1).flatten(2)
@@ -319,6 +326,19 @@ def resumed_patched_forward(pm, state: PatchState, block: int, resid: torch.Tens
     """
     run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(block, resid))
     return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs))
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``shape``, reused by this thread's next forward that
+    needs the same one (a fresh ``[n_srcs, batch, pos, d]`` buffer per call costs more in
+    page faults than its arithmetic: large allocations go straight to the OS)."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype or buf.device != like.device:
+        buf = _WORKSPACE.buf = like.new_empty(shape)
+    return buf
 
 
 def _run(pm, hook_visitor, lean_visitor, args, kwargs, params):

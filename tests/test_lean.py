@@ -199,9 +199,10 @@ def test_threads_run_concurrently_and_each_gets_its_own_answer():
     expected = [fp.patched_forward(hooks, s, clean) for s in states]
     got = [None] * len(states)
 
-    def work(i):
-        for _ in range(5):
-            got[i] = fp.patched_forward(lean, states[i], clean)
+    def work(i):  # half the threads without autograd: they reuse per-thread scratch tensors
+        with torch.set_grad_enabled(i % 2 == 0):
+            for _ in range(5):
+                got[i] = fp.patched_forward(lean, states[i], clean)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(states))]
     for t in threads:
@@ -217,3 +218,19 @@ def test_wrong_patch_shape_is_a_clear_error_on_the_lean_path():
     state = random_state(lean, tokens(19, seq=5), 19)
     with pytest.raises(ValueError, match="compute the patch values on inputs of the same shape"):
         fp.patched_forward(lean, state, tokens(20))
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+def test_outputs_do_not_share_memory_with_later_calls(graph):
+    """Forwards without autograd reuse scratch tensors: what one call returned must not
+    change when the next call runs."""
+    lean, hooks = pair(graph)
+    clean, corrupt = tokens(21), tokens(22)
+    first, second = random_state(lean, corrupt, 21), random_state(lean, corrupt, 22)
+    with torch.no_grad():
+        a = fp.patched_forward(lean, first, clean)
+        kept = a.clone()
+        fp.patched_forward(lean, second, clean)
+        fp.patched_forward(lean, second, tokens(23))
+    assert torch.equal(a, kept)
+    torch.testing.assert_close(a, fp.patched_forward(hooks, first, clean), atol=2e-6, rtol=1e-5)
