@@ -9,7 +9,6 @@ destinations that read the same sources (a layer's Q, K and V inputs).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -227,7 +226,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
             check_patch_shape(patch, out, name)
             if self.in_place:
                 if self.buffer is None:
-                    self.buffer = _workspace((self.patch.shape[0] + 1,) + out.shape[1:], out)  # + residual slot
+                    self.buffer = scratch("diffs", (self.patch.shape[0] + 1,) + out.shape[1:], out)  # + residual
                 self.diffs[name] = torch.sub(patch, out, out=self._positions(self.buffer[lo:hi]))
             else:
                 self.diffs[name] = patch - out
@@ -326,19 +325,6 @@ def resumed_patched_forward(pm, state: PatchState, block: int, resid: torch.Tens
     """
     run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(block, resid))
     return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs))
-
-
-_WORKSPACE = threading.local()
-
-
-def _workspace(shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of ``shape``, reused by this thread's next forward that
-    needs the same one (a fresh ``[n_srcs, batch, pos, d]`` buffer per call costs more in
-    page faults than its arithmetic: large allocations go straight to the OS)."""
-    buf = getattr(_WORKSPACE, "buf", None)
-    if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype or buf.device != like.device:
-        buf = _WORKSPACE.buf = like.new_empty(shape)
-    return buf
 
 
 def _run(pm, hook_visitor, lean_visitor, args, kwargs, params):
