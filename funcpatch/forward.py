@@ -197,19 +197,20 @@ class SrcMajorPatcher(SrcMajorRecorder):
     and joined per destination group.
     """
 
-    def __init__(self, pm, state: PatchState, before: Optional[torch.Tensor] = None):
+    def __init__(self, pm, state: PatchState, before: Optional[torch.Tensor] = None, repeats: int = 1):
         super().__init__(pm)
         self.state = state
         self.patch = state.patch_src_outs
+        self.repeats = repeats  # the batch is the patch values' batch, repeated this many times
         self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
         self.diffs: Dict[str, torch.Tensor] = {}
         self.buffer: Optional[torch.Tensor] = None
         self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
-        if before is not None:  # a resumed forward: the first sources ran in an earlier one
+        if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
             for s in pm.graph.src_modules:
                 if s.srcs[1] <= before.shape[0]:
-                    self.src(s.module_name, before[s.srcs[0]:s.srcs[1]])
+                    self._write(s, before[s.srcs[0]:s.srcs[1]].unsqueeze(1).expand(-1, repeats, -1, -1, -1))
 
     def narrow(self, k: int) -> bool:
         self.tail = k
@@ -221,15 +222,24 @@ class SrcMajorPatcher(SrcMajorRecorder):
     def src(self, name, out):
         src = self.src_modules.get(name)
         if src is not None:
-            lo, hi = src.srcs
-            patch = self._positions(self.patch[lo:hi])
-            check_patch_shape(patch, out, name)
-            if self.in_place:
-                if self.buffer is None:
-                    self.buffer = scratch("diffs", (self.patch.shape[0] + 1,) + out.shape[1:], out)  # + residual
-                self.diffs[name] = torch.sub(patch, out, out=self._positions(self.buffer[lo:hi]))
-            else:
-                self.diffs[name] = patch - out
+            if out.shape[1] % self.repeats:
+                raise ValueError(f"batch of {out.shape[1]} rows is not {self.repeats} repeats of the patch values' batch")
+            self._write(src, out.unflatten(1, (self.repeats, -1)))
+
+    def _write(self, src, out: torch.Tensor) -> None:
+        """``patch - out`` for one source module; ``out [k, repeats, batch, pos, d]``."""
+        lo, hi = src.srcs
+        patch = self._positions(self.patch[lo:hi])
+        check_patch_shape(patch, out[:, 0], src.module_name)
+        patch = patch.unsqueeze(1)
+        if self.in_place:
+            if self.buffer is None:  # + one slot for the residual (see _inputs)
+                rows = out.shape[1] * out.shape[2]
+                self.buffer = scratch("diffs", (self.patch.shape[0] + 1, rows) + out.shape[3:], out)
+            into = self._positions(self.buffer[lo:hi]).unflatten(1, out.shape[1:3])
+            self.diffs[src.module_name] = torch.sub(patch, out, out=into)
+        else:
+            self.diffs[src.module_name] = (patch - out).flatten(1, 2)
 
     def dest(self, names, x):
         got = self.dest_slots(names, x, sparse=False)
@@ -314,7 +324,7 @@ def record_block_inputs(pm, *args, **kwargs):
 
 
 def resumed_patched_forward(pm, state: PatchState, block: int, resid: torch.Tensor, src_outs: torch.Tensor,
-                            *args, **kwargs):
+                            *args, repeats: int = 1, **kwargs):
     """:func:`patched_forward` started at transformer ``block`` (lean forwards only).
 
     Exact when no destination before ``block`` is patched (their masks are 0) and
@@ -322,9 +332,13 @@ def resumed_patched_forward(pm, state: PatchState, block: int, resid: torch.Tens
     (:func:`record_block_inputs`): the residual entering the block and the outputs
     ``[n_before, batch, pos, d]`` of the sources before it. Returns None when the model
     or the call has no lean forward (then run :func:`patched_forward`).
+
+    With ``repeats`` the inputs (and ``resid``) are ``repeats`` stacked copies of the
+    batch that ``state.patch_src_outs`` and ``src_outs`` were computed on, which are
+    then used for every copy without being tiled (ACDC evaluates many circuits at once).
     """
     run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(block, resid))
-    return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs))
+    return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs, repeats=repeats))
 
 
 def _run(pm, hook_visitor, lean_visitor, args, kwargs, params):

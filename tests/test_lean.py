@@ -234,3 +234,24 @@ def test_outputs_do_not_share_memory_with_later_calls(graph):
         fp.patched_forward(lean, second, tokens(23))
     assert torch.equal(a, kept)
     torch.testing.assert_close(a, fp.patched_forward(hooks, first, clean), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [0, 1, 2])
+def test_resumed_forward_equals_the_whole_forward(block):
+    """Starting at a block from a clean prefix is exact when nothing before it is patched,
+    also for several circuits over repeats of one batch (as ACDC runs them)."""
+    from funcpatch.forward import record_block_inputs, resumed_patched_forward
+    lean, _ = pair("split", slice_output="last_seq")
+    clean, corrupt = tokens(24), tokens(25)
+    _, src_outs, inputs = record_block_inputs(lean, clean)
+    resid, n_before = inputs[block]
+    state = random_state(lean, corrupt, 24, batch=6)  # 2 circuits x 3 prompts
+    masks = {k: v if int(k.split(".")[1]) >= block else torch.zeros_like(v) for k, v in state.masks.items()}
+    tiled = dataclasses.replace(state, masks=masks, patch_src_outs=state.patch_src_outs.repeat(1, 2, 1, 1))
+    untiled = dataclasses.replace(state, masks=masks)
+    whole = fp.patched_forward(lean, tiled, clean.repeat(2, 1))
+    for grad_enabled in (True, False):
+        with torch.set_grad_enabled(grad_enabled):
+            got = resumed_patched_forward(lean, untiled, block, resid.repeat(2, 1, 1), src_outs[:n_before],
+                                          clean.repeat(2, 1), repeats=2)
+        torch.testing.assert_close(got, whole, atol=2e-6, rtol=1e-5)

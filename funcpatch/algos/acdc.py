@@ -202,20 +202,21 @@ class _Evaluator:
         """Circuit outputs ``[K, batch, ...]`` (``out[pm.out_slice]`` of each circuit)."""
         k = removed.shape[0]
         masks = {m: v.repeat_interleave(self.batch, dim=0) for m, v in self.masks(removed).items()}
-        state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self._tile(self.patch, k, 1))
         kwargs = {name: self._tile(v, k) for name, v in self.kwargs.items()}
         tokens = self._tile(self.tokens, k)
         with torch.no_grad():
             out = None
             if self.block_inputs is not None:
+                # start at the first block a removed edge changes; the patch values and the
+                # earlier sources' outputs serve every circuit untiled (repeats=k)
                 start = int(self.edge_block[torch.nonzero(removed.any(0))[:, 0]].min()) if removed.any() else \
                     int(self.edge_block[-1])
-                if start > 0:
-                    resid, n_before = self.block_inputs[start]
-                    out = resumed_patched_forward(self.pm, state, start, self._tile(resid, k),
-                                                  self._tile(self.src_outs[:n_before], k, 1), tokens, **kwargs,
-                                                  **self.lean_kwargs)
+                resid, n_before = self.block_inputs[start]
+                state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self.patch)
+                out = resumed_patched_forward(self.pm, state, start, self._tile(resid, k), self.src_outs[:n_before],
+                                              tokens, **kwargs, **self.lean_kwargs, repeats=k)
             if out is None:
+                state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self._tile(self.patch, k, 1))
                 out = patched_forward(self.pm, state, tokens, **kwargs, **self.lean_kwargs)
         out = out[self.pm.out_slice]
         return out.reshape(k, self.batch, *out.shape[1:])
