@@ -300,36 +300,38 @@ class SrcMajorPatcher(SrcMajorRecorder):
         return delta if self.in_place else x + delta
 
 
-class BlockInputRecorder(SrcMajorRecorder):
-    """A recorder that also keeps the residual entering each block (for resumed forwards)."""
+class CheckpointRecorder(SrcMajorRecorder):
+    """A recorder that also keeps the residual at every point a lean forward can resume from."""
 
     def __init__(self, pm):
         super().__init__(pm)
-        self.block_inputs: Dict[int, Tuple[torch.Tensor, int]] = {}  # block -> (resid, n sources before)
+        self.checkpoints: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}  # point -> (resid, n sources before)
 
-    def block_input(self, i: int, resid: torch.Tensor) -> None:
-        self.block_inputs[i] = (resid, sum(o.shape[0] for o in self.outs.values()))
+    def checkpoint(self, point: Tuple[int, int], resid: torch.Tensor) -> None:
+        self.checkpoints[point] = (resid, sum(o.shape[0] for o in self.outs.values()))
 
 
-def record_block_inputs(pm, *args, **kwargs):
+def record_checkpoints(pm, *args, **kwargs):
     """A plain forward of a model with a lean forward (:mod:`funcpatch.lean`) that returns
-    ``(out, src_outs [n_srcs, batch, pos, d], {block: (resid entering it, n sources
-    before it)})``: what :func:`resumed_patched_forward` starts from. None without one."""
+    ``(out, src_outs [n_srcs, batch, pos, d], {point: (resid there, n sources before)})``
+    with points ``(block, 0)`` (entering the block), ``(block, 1)`` (entering its MLP) and
+    ``(n_layers, 0)``: what :func:`resumed_patched_forward` starts from. None without one."""
     run = None if pm.lean is None else pm.lean.bind(args, kwargs, None)
     if run is None:
         return None
-    rec = BlockInputRecorder(pm)
+    rec = CheckpointRecorder(pm)
     out = run(rec)
-    return out, rec.stacked(), rec.block_inputs
+    return out, rec.stacked(), rec.checkpoints
 
 
-def resumed_patched_forward(pm, state: PatchState, block: int, resid: torch.Tensor, src_outs: torch.Tensor,
-                            *args, repeats: int = 1, **kwargs):
-    """:func:`patched_forward` started at transformer ``block`` (lean forwards only).
+def resumed_patched_forward(pm, state: PatchState, point: Tuple[int, int], resid: torch.Tensor,
+                            src_outs: torch.Tensor, *args, repeats: int = 1, **kwargs):
+    """:func:`patched_forward` started at ``point`` (see :func:`record_checkpoints`; lean
+    forwards only).
 
-    Exact when no destination before ``block`` is patched (their masks are 0) and
+    Exact when no destination before ``point`` is patched (their masks are 0) and
     ``resid``/``src_outs`` come from an unpatched forward on the same inputs
-    (:func:`record_block_inputs`): the residual entering the block and the outputs
+    (:func:`record_checkpoints`): the residual at that point and the outputs
     ``[n_before, batch, pos, d]`` of the sources before it. Returns None when the model
     or the call has no lean forward (then run :func:`patched_forward`).
 
@@ -337,7 +339,7 @@ def resumed_patched_forward(pm, state: PatchState, block: int, resid: torch.Tens
     batch that ``state.patch_src_outs`` and ``src_outs`` were computed on, which are
     then used for every copy without being tiled (ACDC evaluates many circuits at once).
     """
-    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(block, resid))
+    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(point, resid))
     return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs, repeats=repeats))
 
 

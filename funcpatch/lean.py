@@ -125,37 +125,51 @@ class LeanGPT2:
         with ``out [k, batch, pos, d]`` (k heads, or 1) and ``visitor.dest(hooks, x)``
         with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
         returns their patched inputs ``[heads_total, batch, pos, d]`` or None (unpatched).
-        A visitor with ``block_input(i, resid)`` also sees the residual entering each block.
+        A visitor with ``checkpoint(point, resid)`` also sees the residual at each point
+        a forward can resume from: ``(i, 0)`` entering block ``i``, ``(i, 1)`` entering
+        its MLP, ``(n_layers, 0)`` after the last block (before its output node).
         With ``logits_to_keep`` and a visitor whose ``narrow(k)`` returns True, everything
         after the last block's attention runs on the last ``k`` positions only (nothing
         there reads other positions); the visitor then sees ``pos = k``.
 
-        ``resume=(block, resid)`` starts at ``block`` from the residual entering it (the
-        visitor must already hold the sources before it); earlier blocks do not run.
+        ``resume=(point, resid)`` starts at ``point`` from the residual there (the visitor
+        must already hold the sources before it); nothing before it runs.
         """
         p = tokens.shape[1]
-        start, resid = resume or (0, None)
+        (start, stage), resid = resume or ((0, 0), None)
         if resid is None:
             pos = _positions(attention_mask, p, tokens.device)
             resid = _node(visitor, "blocks.0.hook_resid_pre", F.embedding(tokens, w["wte"]) + F.embedding(pos, w["wpe"]))
         add_mask = _additive_mask(attention_mask, p, resid.dtype)
-        block_input = getattr(visitor, "block_input", None)
+        checkpoint = getattr(visitor, "checkpoint", None)
         for i in range(start, self.n_layers):
-            if block_input is not None:
-                block_input(i, resid)
             pre = f"blocks.{i}."
             tail = logits_to_keep if i == self.n_layers - 1 and 0 < logits_to_keep < p else 0
-            attn = self._attention(w, i, resid, visitor, add_mask, tail)
-            if attn.shape[1] < p:
+            if i > start or stage == 0:
+                if checkpoint is not None:
+                    checkpoint((i, 0), resid)
+                attn = self._attention(w, i, resid, visitor, add_mask, tail)
+                if attn.shape[1] < resid.shape[1]:
+                    resid = resid[:, -tail:]
+                resid = _node(visitor, pre + "hook_resid_mid", resid + attn)
+            elif tail and visitor.narrow(tail):  # resumed at the last block's MLP
                 resid = resid[:, -tail:]
-            resid = _node(visitor, pre + "hook_resid_mid", resid + attn)
+            if checkpoint is not None:
+                checkpoint((i, 1), resid)
             x = visitor.dest([pre + "hook_mlp_in"], resid)
             x = resid if x is None else x[0]
             x = F.layer_norm(x, x.shape[-1:], w[f"{i}.ln2.w"], w[f"{i}.ln2.b"], self.eps)
             x = torch.addmm(w[f"{i}.fc.b"], x.reshape(-1, x.shape[-1]), w[f"{i}.fc.w"])
             x = torch.addmm(w[f"{i}.proj.b"], self.acts[i](x), w[f"{i}.proj.w"]).view_as(resid)
             visitor.src(pre + "hook_mlp_out", x.unsqueeze(0))
-            resid = _node(visitor, pre + "hook_resid_post", resid + x)
+            resid = resid + x
+            if checkpoint is not None and i == self.n_layers - 1:
+                checkpoint((self.n_layers, 0), resid)
+            resid = _node(visitor, pre + "hook_resid_post", resid)
+        if start == self.n_layers:  # resumed after the last block: only its output node runs
+            if 0 < logits_to_keep < p and visitor.narrow(logits_to_keep):
+                resid = resid[:, -logits_to_keep:]
+            resid = _node(visitor, f"blocks.{self.n_layers - 1}.hook_resid_post", resid)
         if logits_to_keep > 0:
             resid = resid[:, -logits_to_keep:]  # (already so when the visitor narrowed)
         x = F.layer_norm(resid, resid.shape[-1:], w["ln_f.w"], w["ln_f.b"], self.eps)

@@ -236,22 +236,30 @@ def test_outputs_do_not_share_memory_with_later_calls(graph):
     torch.testing.assert_close(a, fp.patched_forward(hooks, first, clean), atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block", [0, 1, 2])
-def test_resumed_forward_equals_the_whole_forward(block):
-    """Starting at a block from a clean prefix is exact when nothing before it is patched,
-    also for several circuits over repeats of one batch (as ACDC runs them)."""
-    from funcpatch.forward import record_block_inputs, resumed_patched_forward
+@pytest.mark.parametrize("point", [(0, 0), (1, 0), (1, 1), (2, 1), (3, 0)])
+@pytest.mark.parametrize("keep", [0, 1])
+def test_resumed_forward_equals_the_whole_forward(point, keep):
+    """Starting at a checkpoint from a clean prefix is exact when nothing before it is
+    patched, also for several circuits over repeats of one batch (as ACDC runs them)."""
+    from funcpatch.forward import record_checkpoints, resumed_patched_forward
     lean, _ = pair("split", slice_output="last_seq")
     clean, corrupt = tokens(24), tokens(25)
-    _, src_outs, inputs = record_block_inputs(lean, clean)
-    resid, n_before = inputs[block]
+    kw = {"logits_to_keep": keep} if keep else {}
+    _, src_outs, checkpoints = record_checkpoints(lean, clean, **kw)
+    assert sorted(checkpoints) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]
+    resid, n_before = checkpoints[point]
     state = random_state(lean, corrupt, 24, batch=6)  # 2 circuits x 3 prompts
-    masks = {k: v if int(k.split(".")[1]) >= block else torch.zeros_like(v) for k, v in state.masks.items()}
+
+    def after(name):  # is this destination at or after the checkpoint?
+        block, stage = int(name.split(".")[1]), int(name.endswith("hook_mlp_in"))
+        return (block + 1, 0) >= point if name.endswith("hook_resid_post") else (block, stage) >= point
+
+    masks = {k: v if after(k) else torch.zeros_like(v) for k, v in state.masks.items()}
     tiled = dataclasses.replace(state, masks=masks, patch_src_outs=state.patch_src_outs.repeat(1, 2, 1, 1))
     untiled = dataclasses.replace(state, masks=masks)
-    whole = fp.patched_forward(lean, tiled, clean.repeat(2, 1))
+    whole = fp.patched_forward(lean, tiled, clean.repeat(2, 1), **kw)
     for grad_enabled in (True, False):
         with torch.set_grad_enabled(grad_enabled):
-            got = resumed_patched_forward(lean, untiled, block, resid.repeat(2, 1, 1), src_outs[:n_before],
-                                          clean.repeat(2, 1), repeats=2)
+            got = resumed_patched_forward(lean, untiled, point, resid.repeat(2, 1, 1), src_outs[:n_before],
+                                          clean.repeat(2, 1), repeats=2, **kw)
         torch.testing.assert_close(got, whole, atol=2e-6, rtol=1e-5)

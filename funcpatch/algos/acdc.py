@@ -70,7 +70,7 @@ import torch
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
                                 progress_bar, resolve_clean_corrupt)
-from funcpatch.forward import patched_forward, record_block_inputs, resumed_patched_forward
+from funcpatch.forward import patched_forward, record_checkpoints, resumed_patched_forward
 from funcpatch.graph import Edge
 from funcpatch.metrics import kl_divergence
 from funcpatch.patchable import PatchableModel
@@ -177,15 +177,16 @@ class _Evaluator:
             index[e.dest.module_name][e.patch_idx] = i
         self.index = {m: idx.to(self.device) for m, idx in index.items()}
         self.dtype = next(iter(self.template.masks.values())).dtype if index else torch.float32
-        # Resuming: with a lean forward, a circuit whose removed edges all lie in blocks >= s
-        # runs exactly as the clean forward before block s, so its forward starts there.
-        rec = record_block_inputs(pm, tokens, **kwargs, **lean_kwargs) if g.factorized else None
-        self.block_inputs = None if rec is None else rec[2]
-        if self.block_inputs is not None:
+        # Resuming: with a lean forward, a circuit whose removed edges all lie at or after a
+        # checkpoint (a block's attention or MLP, or the end) runs exactly as the clean
+        # forward before it, so its forward starts there.
+        rec = record_checkpoints(pm, tokens, **kwargs, **lean_kwargs) if g.factorized else None
+        self.checkpoints = None if rec is None else rec[2]
+        if self.checkpoints is not None:
             self.src_outs = rec[1]
-            last = max(self.block_inputs)
-            self.edge_block = torch.tensor([min(_dest_block(e.dest.module_name), last) for e in g.edges] + [last],
-                                           device=self.device)
+            # checkpoint index 2 * block + stage of each edge's destination; the last entry: none removed
+            self.edge_point = torch.tensor([_dest_point(e.dest.module_name) for e in g.edges] +
+                                           [2 * max(b for b, _ in self.checkpoints)], device=self.device)
 
     def masks(self, removed: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``removed [K, n_edges]`` -> masks ``{module: [K, *mask_shape]}`` (1 = removed)."""
@@ -206,14 +207,14 @@ class _Evaluator:
         tokens = self._tile(self.tokens, k)
         with torch.no_grad():
             out = None
-            if self.block_inputs is not None:
-                # start at the first block a removed edge changes; the patch values and the
-                # earlier sources' outputs serve every circuit untiled (repeats=k)
-                start = int(self.edge_block[torch.nonzero(removed.any(0))[:, 0]].min()) if removed.any() else \
-                    int(self.edge_block[-1])
-                resid, n_before = self.block_inputs[start]
+            if self.checkpoints is not None:
+                # start at the first checkpoint a removed edge changes; the patch values and
+                # the earlier sources' outputs serve every circuit untiled (repeats=k)
+                hit = torch.nonzero(removed.any(0))[:, 0]
+                point = divmod(int(self.edge_point[hit].min() if len(hit) else self.edge_point[-1]), 2)
+                resid, n_before = self.checkpoints[point]
                 state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self.patch)
-                out = resumed_patched_forward(self.pm, state, start, self._tile(resid, k), self.src_outs[:n_before],
+                out = resumed_patched_forward(self.pm, state, point, self._tile(resid, k), self.src_outs[:n_before],
                                               tokens, **kwargs, **self.lean_kwargs, repeats=k)
             if out is None:
                 state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self._tile(self.patch, k, 1))
@@ -241,11 +242,14 @@ class _Evaluator:
         return faiths, (torch.cat(outs) if keep_outputs else None)
 
 
-def _dest_block(module_name: str) -> int:
-    """The first transformer block a destination's patch can change (its own; after the
-    last block for the final residual)."""
+def _dest_point(module_name: str) -> int:
+    """``2 * block + stage`` of the first checkpoint a destination's patch can change:
+    its block's attention (Q/K/V inputs, stage 0) or MLP (stage 1); after the last block
+    (``2 * n_layers``) for the final residual."""
     block = int(module_name.split(".")[1])
-    return block + 1 if module_name.endswith("hook_resid_post") else block
+    if module_name.endswith("hook_resid_post"):
+        return 2 * (block + 1)
+    return 2 * block + (1 if module_name.endswith("hook_mlp_in") else 0)
 
 
 # --------------------------------------------------------------------------------------
