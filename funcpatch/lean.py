@@ -7,9 +7,10 @@ about twice its plain forward (forked residual copies, per-head einsums and hook
 wrappers around every submodule). Here the same computation runs as plain tensor code:
 one layer norm over all Q/K/V inputs of a layer, one batched matmul for their
 projections, one for the per-head results. At every node hook point it hands the
-activation to the current call's visitor (by hook name), exactly where the bridge's
-hook would fire, so patching and recording are shared with the hook path
-(:mod:`funcpatch.forward`).
+activation to the call's visitor by hook name, exactly where the bridge's hook would
+fire, in source-major layout (``[heads, batch, pos, d]``; the visitors that patch and
+record are in :mod:`funcpatch.forward`). It can also resume from a checkpoint of a
+clean forward and compute only the last positions of the last block (ACDC uses both).
 
 It is used when the model qualifies (a GPT-2 bridge in eval mode, not in compatibility
 mode) and the call is one this module understands (token ids, optional
@@ -58,32 +59,37 @@ class LeanGPT2:
         self.inverse_layer_scale = bool(cfg.scale_attn_by_inverse_layer_idx)
         t = hf.transformer
         self.acts = [blk.mlp.act for blk in t.h]
-        # canonical key -> the tensor in the model; bridge wrappers expose the wrapped module
-        # as ``original_component``
+        # canonical key -> (module, attribute): looked up on every call, so the forward sees
+        # the model's current weights; bridge wrappers expose the wrapped module as
+        # ``original_component``
         def inner(m):
             return getattr(m, "original_component", None) or m
 
-        w: Dict[str, torch.Tensor] = {"wte": inner(t.wte).weight, "wpe": inner(t.wpe).weight,
-                                      "ln_f.w": inner(t.ln_f).weight, "ln_f.b": inner(t.ln_f).bias,
-                                      "unembed.w": inner(hf.lm_head).weight}
-        if getattr(inner(hf.lm_head), "bias", None) is not None:
-            w["unembed.b"] = inner(hf.lm_head).bias
+        src = {"wte": (inner(t.wte), "weight"), "wpe": (inner(t.wpe), "weight"),
+               "ln_f.w": (inner(t.ln_f), "weight"), "ln_f.b": (inner(t.ln_f), "bias"),
+               "unembed.w": (inner(hf.lm_head), "weight"), "unembed.b": (inner(hf.lm_head), "bias")}
         for i, blk in enumerate(bridge.blocks):
-            attn = blk.attn
-            for x in "qkv":
-                lin = inner(getattr(attn, x))
-                w[f"{i}.{x}.w"], w[f"{i}.{x}.b"] = lin.weight, lin.bias  # nn.Linear: [out, in]
-            o = inner(attn.o)  # Conv1D: [in, out]
-            w[f"{i}.o.w"], w[f"{i}.o.b"] = o.weight, o.bias
+            for x in "qkv":  # nn.Linear: [out, in]
+                src[f"{i}.{x}.w"], src[f"{i}.{x}.b"] = (inner(getattr(blk.attn, x)), "weight"), \
+                    (inner(getattr(blk.attn, x)), "bias")
             hblk = t.h[i]
-            w[f"{i}.ln1.w"], w[f"{i}.ln1.b"] = inner(hblk.ln_1).weight, inner(hblk.ln_1).bias
-            w[f"{i}.ln2.w"], w[f"{i}.ln2.b"] = inner(hblk.ln_2).weight, inner(hblk.ln_2).bias
-            fc, proj = inner(hblk.mlp.c_fc), inner(hblk.mlp.c_proj)  # Conv1D
-            w[f"{i}.fc.w"], w[f"{i}.fc.b"] = fc.weight, fc.bias
-            w[f"{i}.proj.w"], w[f"{i}.proj.b"] = proj.weight, proj.bias
-        self.weights = w
-        aliases = _alias_names(bridge)
-        self.names = {k: aliases.get(id(v), ()) for k, v in w.items()}
+            for key, mod in (("o", blk.attn.o), ("ln1", hblk.ln_1), ("ln2", hblk.ln_2), ("fc", hblk.mlp.c_fc),
+                             ("proj", hblk.mlp.c_proj)):  # o, fc, proj: Conv1D [in, out]
+                src[f"{i}.{key}.w"], src[f"{i}.{key}.b"] = (inner(mod), "weight"), (inner(mod), "bias")
+        self.sources = src
+
+    def weights(self, params: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The weights by canonical key: ``params`` (model parameter/buffer names, any alias
+        of a tensor) where given, else the model's own."""
+        w = {k: getattr(m, a) for k, (m, a) in self.sources.items()}
+        w = {k: v for k, v in w.items() if v is not None}
+        if params:
+            aliases = _alias_names(self.model)
+            for k, v in list(w.items()):
+                given = [params[n] for n in aliases.get(id(v), ()) if n in params]
+                if given:
+                    w[k] = given[0]
+        return w
 
     @staticmethod
     def qualifies(bridge: nn.Module) -> bool:
@@ -106,14 +112,7 @@ class LeanGPT2:
         keep = kwargs.pop("logits_to_keep", 0)
         if kwargs.pop("return_type", "logits") != "logits" or kwargs or not isinstance(keep, int):
             return None
-        w = self.weights
-        if params:
-            w = dict(w)
-            for k, names in self.names.items():
-                for n in names:
-                    if n in params:
-                        w[k] = params[n]
-                        break
+        w = self.weights(params)
         return lambda visitor: self.forward(w, tokens, visitor, attention_mask, keep, resume)
 
     def forward(self, w: Mapping[str, torch.Tensor], tokens: torch.Tensor, visitor,

@@ -25,8 +25,8 @@ How it is fast while staying exact
 ----------------------------------
 A circuit's output depends only on which edges are removed (its mask), so any set of
 masks can be evaluated together: funcpatch stacks them along the batch dimension (mask
-``[K * batch, ...]``, inputs and patch values tiled ``K`` times) and runs one patched
-forward. Two things are evaluated together each step:
+``[K * batch, ...]``, inputs tiled ``K`` times) and runs one patched forward. Two things
+are evaluated together each step:
 
 1. **All τ runs.** The runs are independent, so their next candidates go in one
    forward. Runs in the same state (same removed set) share one evaluation.
@@ -44,12 +44,20 @@ forward. Two things are evaluated together each step:
    destination's unimportant inputs, or every input of an important one), so this cuts
    the number of sequential forwards severalfold for typically 10-30% extra candidates.
 
-Not done: skipping the layers before the destination (auto-circuit restarts
-HookedTransformers at the destination's block). A TransformerBridge's own
-``start_at_layer`` still runs the earlier blocks, and widening the batch at a block
-boundary clashes with the batch-sized attention masks transformers builds, so every
-candidate runs the whole model; with ``slice_output="last_seq"`` the unembedding runs
-on the last position only (``logits_to_keep=1``, where the model takes it).
+3. **Only what a circuit changes** (models with a lean forward, :mod:`funcpatch.lean`:
+   GPT-2 bridges). Every edge into a destination before a circuit's first removed edge
+   is kept, so up to there the circuit runs exactly as the clean forward. One clean
+   forward records the residual at every checkpoint (each block's attention and MLP,
+   and the end) and every source's output; each evaluation resumes at the checkpoint
+   of its earliest removed edge, the patch values and the earlier outputs serving all
+   ``K`` circuits untiled. Head slots whose masks are 0 in every circuit read the
+   residual unpatched, and with ``slice_output="last_seq"`` the last block's tail and
+   the unembedding run at the last position only. Other models run every candidate
+   through the whole patched forward.
+
+Measured on the benchmark's 2-layer model (``benchmarks/``): 0.37 s for two τ values,
+against 1.8-2.4 s for auto-circuit's ``acdc_prune_scores`` on the same weights and data
+(same scores on every edge).
 
 Results equal the one-mask-at-a-time algorithm up to floating-point differences
 between batch sizes (about 1e-7 relative), which matter only for a ``faith - prev``
