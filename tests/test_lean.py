@@ -241,7 +241,7 @@ def test_outputs_do_not_share_memory_with_later_calls(graph):
 def test_resumed_forward_equals_the_whole_forward(point, keep):
     """Starting at a checkpoint from a clean prefix is exact when nothing before it is
     patched, also for several circuits over repeats of one batch (as ACDC runs them)."""
-    from funcpatch.forward import record_checkpoints, resumed_patched_forward
+    from funcpatch.source_major import record_checkpoints, resumed_patched_forward
     lean, _ = pair("split", slice_output="last_seq")
     clean, corrupt = tokens(24), tokens(25)
     kw = {"logits_to_keep": keep} if keep else {}

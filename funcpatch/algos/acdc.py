@@ -78,7 +78,8 @@ import torch
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
                                 progress_bar, resolve_clean_corrupt)
-from funcpatch.forward import patched_forward, record_checkpoints, resumed_patched_forward
+from funcpatch.forward import patched_forward
+from funcpatch.source_major import record_checkpoints, resumed_patched_forward
 from funcpatch.graph import Edge
 from funcpatch.metrics import kl_divergence
 from funcpatch.patchable import PatchableModel

@@ -1,0 +1,199 @@
+"""Patching and recording for forwards that hand over activations by name in
+source-major layout (funcpatch's own forward, :mod:`funcpatch.lean`), and resuming such a
+forward from a checkpoint of a clean one (ACDC's candidates)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from funcpatch.deltas import check_patch_shape, group_mask, recorded
+from funcpatch.scratch import recording, scratch
+from funcpatch.state import PatchState
+
+
+class SrcMajorRecorder:
+    """Records sources for a forward that hands over activations by name, in source-major
+    layout (:mod:`funcpatch.lean`): ``src(name, out [k, batch, pos, d])`` and
+    ``dest(names, x [batch, pos, d]) -> [heads_total, batch, pos, d] | None``."""
+
+    def __init__(self, pm):
+        self.pm = pm
+        self.src_modules = {s.module_name: s for s in pm.graph.src_modules}
+        self.outs: Dict[str, torch.Tensor] = {}
+
+    def src(self, name: str, out: torch.Tensor) -> None:
+        if name in self.src_modules:
+            self.outs[name] = out
+
+    def dest(self, names, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None  # nothing is patched: the forward takes its plain path
+
+    def narrow(self, k: int) -> bool:
+        return False  # records every position
+
+    def dest_slots(self, names, x: torch.Tensor, sparse: bool = True):
+        return None
+
+    def stacked(self) -> torch.Tensor:
+        parts = recorded(self.pm, self.outs, 0, len(self.pm.graph.srcs), "the end of the forward")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class SrcMajorPatcher(SrcMajorRecorder):
+    """Patches destinations for a source-major forward (see :class:`SrcMajorRecorder`).
+
+    Differences ``patch - out`` are kept as ``[n_srcs, batch, pos, d]``, so a destination
+    group's incoming differences are one slice; with masks shared by the whole batch its
+    patched inputs are then one matrix product that also adds the residual,
+    ``x + masks @ diffs`` over ``[n_in, batch * pos * d]``. The differences are written
+    into one buffer when nothing records the forward (no autograd, no torch.func
+    transform: in-place writes would break both); otherwise each source's chunk is kept
+    and joined per destination group.
+    """
+
+    def __init__(self, pm, state: PatchState, before: Optional[torch.Tensor] = None, repeats: int = 1):
+        super().__init__(pm)
+        self.state = state
+        self.patch = state.patch_src_outs
+        self.repeats = repeats  # the batch is the patch values' batch, repeated this many times
+        self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
+        self.diffs: Dict[str, torch.Tensor] = {}
+        self.buffer: Optional[torch.Tensor] = None
+        self.in_place = not recording()
+        self.tail: Optional[int] = None  # after narrow(k): only the last k positions
+        if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
+            for s in pm.graph.src_modules:
+                if s.srcs[1] <= before.shape[0]:
+                    self._write(s, before[s.srcs[0]:s.srcs[1]].unsqueeze(1).expand(-1, repeats, -1, -1, -1))
+
+    def narrow(self, k: int) -> bool:
+        self.tail = k
+        return True
+
+    def _positions(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        return t if self.tail is None else t.narrow(dim, t.shape[dim] - self.tail, self.tail)
+
+    def src(self, name, out):
+        src = self.src_modules.get(name)
+        if src is not None:
+            if out.shape[1] % self.repeats:
+                raise ValueError(f"batch of {out.shape[1]} rows is not {self.repeats} repeats of the patch values' batch")
+            self._write(src, out.unflatten(1, (self.repeats, -1)))
+
+    def _write(self, src, out: torch.Tensor) -> None:
+        """``patch - out`` for one source module; ``out [k, repeats, batch, pos, d]``."""
+        lo, hi = src.srcs
+        patch = self._positions(self.patch[lo:hi])
+        check_patch_shape(patch, out[:, 0], src.module_name)
+        patch = patch.unsqueeze(1)
+        if self.in_place:
+            if self.buffer is None:  # + one slot for the residual (see _inputs)
+                rows = out.shape[1] * out.shape[2]
+                self.buffer = scratch("diffs", (self.patch.shape[0] + 1, rows) + out.shape[3:], out)
+            into = self._positions(self.buffer[lo:hi]).unflatten(1, out.shape[1:3])
+            self.diffs[src.module_name] = torch.sub(patch, out, out=into)
+        else:
+            self.diffs[src.module_name] = (patch - out).flatten(1, 2)
+
+    def dest(self, names, x):
+        got = self.dest_slots(names, x, sparse=False)
+        return None if got is None else got[1]
+
+    def dest_slots(self, names, x, sparse: bool = True):
+        """Like ``dest``, returning ``(slots, inputs)``. ``slots`` None: ``inputs`` holds every
+        head slot. Otherwise (``sparse``, when nothing records the forward and some slots'
+        masks are 0 in every row) ``inputs [len(slots), ...]`` holds only the slots whose
+        masks are not: the others read ``x`` itself."""
+        group = [self.dest_modules[n] for n in names if n in self.dest_modules]
+        if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
+            return None
+        assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
+        mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
+        if mask.shape[1] > 1:
+            mask = self._positions(mask, 1)
+        slots = None
+        if sparse and self.in_place and mask.shape[-2] > 1:
+            touched = (mask != 0).flatten(0, 1).any(0).any(-1)  # [heads_total]
+            if not bool(touched.all()):
+                slots = touched.nonzero()[:, 0]
+                mask = mask.index_select(-2, slots)
+                if len(slots) == 0:
+                    return slots, x.new_empty((0,) + x.shape)
+        return slots, self._inputs(group, mask, x)
+
+    def _inputs(self, group, mask, x):
+        lo, hi = group[0].in_srcs
+        chunks = recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
+        if self.in_place:
+            # The residual joins the differences as one more "source" with weight 1, so the
+            # product needs no separate add; its slot is free (that source runs later).
+            self._positions(self.buffer[hi], 1).copy_(x)
+            diff = self._positions(self.buffer[lo:hi + 1])  # [n_in + 1, batch, pos, d]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[:-1] + (1,))], dim=-1)
+        else:
+            chunks = [self._positions(c) for c in chunks]
+            diff = torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # [n_in, batch, pos, d]
+        n, b, p, d = diff.shape
+        if mask.shape[1] == 1:  # the same masks at every position
+            if mask.shape[0] == 1:
+                flat = diff.reshape(n, -1)
+                if not self.in_place:
+                    return torch.addmm(x.reshape(1, -1), mask[0, 0], flat).view(-1, b, p, d)
+                # head slots are read once, right away (layer norm); a module's input may
+                # become the residual stream itself, so it gets its own tensor
+                heads = mask.shape[2]
+                out = None if heads == 1 else scratch("head inputs", (heads, flat.shape[1]), flat)
+                return torch.mm(mask[0, 0], flat, out=out).view(-1, b, p, d)
+            # masks per batch row: one product per row, reading the differences in place; the
+            # result is batch-major underneath ([batch, heads_total, pos, d])
+            rows = diff.transpose(0, 1).flatten(2)
+            out = torch.bmm(mask[:, 0], rows) if self.in_place else torch.baddbmm(x.reshape(b, 1, p * d), mask[:, 0],
+                                                                                   rows)
+            return out.view(b, -1, p, d).transpose(0, 1)
+        delta = torch.einsum("bphn,nbpd->hbpd", mask.expand(b, p, *mask.shape[2:]), diff)
+        return delta if self.in_place else x + delta
+
+
+class CheckpointRecorder(SrcMajorRecorder):
+    """A recorder that also keeps the residual at every point a lean forward can resume from."""
+
+    def __init__(self, pm):
+        super().__init__(pm)
+        self.checkpoints: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}  # point -> (resid, n sources before)
+
+    def checkpoint(self, point: Tuple[int, int], resid: torch.Tensor) -> None:
+        self.checkpoints[point] = (resid, sum(o.shape[0] for o in self.outs.values()))
+
+
+def record_checkpoints(pm, *args, **kwargs):
+    """A plain forward of a model with a lean forward (:mod:`funcpatch.lean`) that returns
+    ``(out, src_outs [n_srcs, batch, pos, d], {point: (resid there, n sources before)})``
+    with points ``(block, 0)`` (entering the block), ``(block, 1)`` (entering its MLP) and
+    ``(n_layers, 0)``: what :func:`resumed_patched_forward` starts from. None without one."""
+    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None)
+    if run is None:
+        return None
+    rec = CheckpointRecorder(pm)
+    out = run(rec)
+    return out, rec.stacked(), rec.checkpoints
+
+
+def resumed_patched_forward(pm, state: PatchState, point: Tuple[int, int], resid: torch.Tensor,
+                            src_outs: torch.Tensor, *args, repeats: int = 1, **kwargs):
+    """:func:`patched_forward` started at ``point`` (see :func:`record_checkpoints`; lean
+    forwards only).
+
+    Exact when no destination before ``point`` is patched (their masks are 0) and
+    ``resid``/``src_outs`` come from an unpatched forward on the same inputs
+    (:func:`record_checkpoints`): the residual at that point and the outputs
+    ``[n_before, batch, pos, d]`` of the sources before it. Returns None when the model
+    or the call has no lean forward (then run :func:`patched_forward`).
+
+    With ``repeats`` the inputs (and ``resid``) are ``repeats`` stacked copies of the
+    batch that ``state.patch_src_outs`` and ``src_outs`` were computed on, which are
+    then used for every copy without being tiled (ACDC evaluates many circuits at once).
+    """
+    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(point, resid))
+    return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs, repeats=repeats))
