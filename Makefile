@@ -7,7 +7,7 @@ TL ?= $(TL4)
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup discover test test-env bench clean
+.PHONY: setup discover test test-env bench bench-peer clean
 
 # One environment: torch's CPU build (pinned: an unpinned torch pulls a CUDA build), then the package.
 $(VENV)/.ready-$(TL): pyproject.toml
@@ -31,8 +31,19 @@ test:
 test-env: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
-bench: setup
-	$(VENV)/bin/python benchmarks/run.py
+# auto-circuit 1.0.1 needs TransformerLens < 4 (and attrs, which its release does not
+# declare; pyarrow then wants numpy >= 2): its own environment, for the benchmark's peer.
+.venv-ac/.ready:
+	$(PYTHON) -m venv .venv-ac
+	.venv-ac/bin/pip install -q torch==2.13.0
+	.venv-ac/bin/pip install -q auto-circuit==1.0.1 transformer-lens==2.16.1 attrs
+	.venv-ac/bin/pip install -q "numpy>=2"
+	touch $@
+
+bench-peer: .venv-ac/.ready
+
+bench: setup bench-peer
+	AUTOCIRCUIT_PYTHON=.venv-ac/bin/python $(VENV)/bin/python benchmarks/run.py
 
 clean:
-	rm -rf .venv-tl4 .venv-tl3 out
+	rm -rf .venv-tl4 .venv-tl3 .venv-ac out
