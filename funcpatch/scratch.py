@@ -32,3 +32,8 @@ def scratch(slot: str, shape, like: torch.Tensor) -> torch.Tensor:
     if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype or buf.device != like.device:
         buf = slots[slot] = like.new_empty(shape)
     return buf
+
+
+def release() -> None:
+    """Drop this thread's scratch tensors (the next no-grad forward allocates them again)."""
+    _LOCAL.slots = {}

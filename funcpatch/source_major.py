@@ -146,12 +146,14 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 heads = mask.shape[2]
                 out = None if heads == 1 else scratch("head inputs", (heads, flat.shape[1]), flat)
                 return torch.mm(mask[0, 0], flat, out=out).view(-1, b, p, d)
-            # masks per batch row: one product per row, reading the differences in place; the
-            # result is batch-major underneath ([batch, heads_total, pos, d])
+            # masks per batch row: one product per row, reading the differences in place
             rows = diff.transpose(0, 1).flatten(2)
-            out = torch.bmm(mask[:, 0], rows) if self.in_place else torch.baddbmm(x.reshape(b, 1, p * d), mask[:, 0],
-                                                                                   rows)
-            return out.view(b, -1, p, d).transpose(0, 1)
+            if not self.in_place:  # the result is batch-major underneath ([batch, heads_total, pos, d])
+                return torch.baddbmm(x.reshape(b, 1, p * d), mask[:, 0], rows).view(b, -1, p, d).transpose(0, 1)
+            heads = mask.shape[2]
+            out = x.new_empty((heads, b, p * d)) if heads == 1 else scratch("head inputs", (heads, b, p * d), x)
+            torch.bmm(mask[:, 0], rows, out=out.transpose(0, 1))  # written head-major
+            return out.view(heads, b, p, d)
         delta = torch.einsum("bphn,nbpd->hbpd", mask.expand(b, p, *mask.shape[2:]), diff)
         return delta if self.in_place else x + delta
 

@@ -263,3 +263,19 @@ def test_resumed_forward_equals_the_whole_forward(point, keep):
             got = resumed_patched_forward(lean, untiled, point, resid.repeat(2, 1, 1), src_outs[:n_before],
                                           clean.repeat(2, 1), repeats=2, **kw)
         torch.testing.assert_close(got, whole, atol=2e-6, rtol=1e-5)
+
+
+def test_scratch_is_per_thread_and_can_be_released():
+    from funcpatch import scratch
+    like = torch.zeros(1)
+    a = scratch.scratch("t", (4,), like)
+    assert scratch.scratch("t", (4,), like) is a  # reused by the next request of that shape
+    assert scratch.scratch("t", (5,), like) is not a
+    other = []
+    t = threading.Thread(target=lambda: other.append(scratch.scratch("t", (5,), like)))
+    t.start()
+    t.join()
+    assert other[0] is not scratch.scratch("t", (5,), like)  # another thread's own
+    b = scratch.scratch("t", (5,), like)
+    scratch.release()
+    assert scratch.scratch("t", (5,), like) is not b
