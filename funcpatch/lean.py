@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def _alias_names(model: nn.Module) -> Dict[int, Tuple[str, ...]]:
     """id(tensor) -> every name under which the model exposes it (tied weights, wrappers)."""
     names: Dict[int, list] = {}
@@ -117,7 +116,7 @@ class LeanGPT2:
 
     def forward(self, w: Mapping[str, torch.Tensor], tokens: torch.Tensor, visitor,
                 attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
-                resume: Optional[Tuple[int, torch.Tensor]] = None) -> torch.Tensor:
+                resume: Optional[Tuple[Tuple[int, int], torch.Tensor]] = None) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]`` (the last ``logits_to_keep`` positions if > 0).
 
         ``visitor`` sees the nodes in source-major layout: ``visitor.src(hook, out)``

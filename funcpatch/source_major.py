@@ -14,9 +14,17 @@ from funcpatch.state import PatchState
 
 
 class SrcMajorRecorder:
-    """Records sources for a forward that hands over activations by name, in source-major
-    layout (:mod:`funcpatch.lean`): ``src(name, out [k, batch, pos, d])`` and
-    ``dest(names, x [batch, pos, d]) -> [heads_total, batch, pos, d] | None``."""
+    """Records sources for a forward that hands over activations by name (:mod:`funcpatch.lean`).
+
+    The protocol, in source-major layout:
+
+    - ``src(name, out [k, batch, pos, d])``: a source module's output (k heads, or 1);
+    - ``dest(names, x [batch, pos, d]) -> [heads_total, batch, pos, d] | None``: the
+      patched inputs of destination modules reading the residual ``x`` (None: unpatched);
+    - ``dest_slots(names, x)``: the same, possibly for the patched head slots only;
+    - ``narrow(k) -> bool``: whether the rest of the forward may run on the last ``k``
+      positions only.
+    """
 
     def __init__(self, pm):
         self.pm = pm
