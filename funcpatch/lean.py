@@ -204,7 +204,12 @@ class LeanGPT2:
             else:
                 x = F.layer_norm(resid, (d,), *ln)
                 qkv = F.linear(x, torch.cat([wq, wk, wv]).view(3 * d, d), torch.cat([bq, bk, bv]).view(3 * d))
-                q, k, v = qkv.view(b, p, 3, H, dh).permute(2, 3, 0, 1, 4).unbind(0)
+                seen = getattr(visitor, "plain_qkv", None)  # funcpatch.zero_grads: gradients per head slot
+                if seen is not None:
+                    qkv = seen(i, qkv.view(b, p, 3 * H, dh).permute(2, 0, 1, 3))  # [3H, b, p, dh]
+                    q, k, v = qkv.reshape(3, H, b, p, dh).unbind(0)
+                else:
+                    q, k, v = qkv.view(b, p, 3, H, dh).permute(2, 3, 0, 1, 4).unbind(0)
         scale = dh ** -0.5 / (i + 1 if self.inverse_layer_scale else 1)
         rows = tail if tail and visitor.narrow(tail) else p  # query positions computed
         scores = torch.matmul(q[:, :, p - rows:], k.transpose(-1, -2)) * scale  # [H, b, rows, p]

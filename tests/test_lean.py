@@ -279,3 +279,39 @@ def test_scratch_is_per_thread_and_can_be_released():
     b = scratch.scratch("t", (5,), like)
     scratch.release()
     assert scratch.scratch("t", (5,), like) is not b
+
+
+@settings(max_examples=16, deadline=None)
+@given(graph=st.sampled_from(sorted(GRAPHS)), variant=st.sampled_from(["plain", "odd"]), seed=st.integers(0, 10_000),
+       padded=st.booleans(), last=st.booleans())
+def test_zero_mask_gradients_equal_torch_func_grad(graph, variant, seed, padded, last):
+    """EAP's fast path (funcpatch.zero_grads: one plain forward/backward) equals
+    torch.func.grad of the patched forward at masks = 0, on the hook path."""
+    from funcpatch.zero_grads import zero_mask_grads
+    lean, hooks = pair(graph, variant, slice_output="last_seq" if last else None)
+    clean, corrupt = tokens(seed), tokens(seed + 1)
+    kwargs = {"attention_mask": padding()} if padded else {}
+    state = fp.set_all_masks(random_state(hooks, corrupt, seed), 0.0)
+    kw = dict(kwargs, **({"logits_to_keep": 1} if last else {}))
+
+    def loss(out):
+        return out[lean.out_slice][..., :7].logsumexp(-1).sum()
+
+    fast = zero_mask_grads(lean, state, clean, kw, loss)
+    assert fast is not None
+    reference = grad(lambda m: loss(fp.patched_forward(hooks, dataclasses.replace(state, masks=m), clean,
+                                                       **kwargs)))(state.masks)
+    assert set(fast) == set(reference)
+    for k in reference:
+        assert fast[k].shape == reference[k].shape, k
+        torch.testing.assert_close(fast[k], reference[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_zero_mask_gradients_decline_what_they_do_not_compute():
+    from funcpatch.zero_grads import zero_mask_grads
+    lean, hooks = pair("split")
+    state = fp.set_all_masks(random_state(lean, tokens(1), 1), 0.0)
+    loss = lambda out: out.sum()  # noqa: E731
+    assert zero_mask_grads(hooks, state, tokens(2), {}, loss) is None  # no lean forward
+    assert zero_mask_grads(lean, fp.set_all_masks(state, 0.5), tokens(2), {}, loss) is None  # masks not 0
+    assert zero_mask_grads(lean, state, tokens(2), {"return_type": "loss"}, loss) is None  # a call it cannot run

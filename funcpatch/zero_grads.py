@@ -1,0 +1,156 @@
+"""Gradients of a loss with respect to every edge mask at masks = 0 (EAP), from one plain
+forward and backward of funcpatch's own forward (:mod:`funcpatch.lean`).
+
+At masks = 0 a destination's input is ``x + sum_s m_s (patch_s - out_s)`` with every
+``m_s = 0``, so ``dL/dm_s = <g, patch_s - out_s>`` where ``g`` is the gradient of the
+loss with respect to that destination's own input and ``out_s`` the sources' outputs in
+the plain (clean) forward. No per-head copies of the residual are needed to get ``g``:
+
+- a module destination (an MLP's input, a residual node) gets a zero tensor added to its
+  own input, whose gradient is ``g``;
+- a head's Q/K/V input goes through the shared layer norm and the head's own projection,
+  so a zero tensor added to the projected ``q/k/v`` gives ``dL/dq_h``; then
+  ``g_h = LN'(x)^T (W_h^T dL/dq_h)`` with the layer norm's backward at the shared
+  residual ``x``, the same for every head.
+
+(The patched forward's extra path, through ``out_s`` inside the differences, carries
+``-m^T g = 0`` at masks = 0, so this is the exact gradient.) Equal to
+``torch.func.grad`` of the patched forward in tests/test_algos_grad.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from funcpatch.source_major import SrcMajorRecorder
+
+
+class _ZeroInputs(SrcMajorRecorder):
+    """Records sources, block inputs, and adds zero leaves at every destination."""
+
+    def __init__(self, pm):
+        super().__init__(pm)
+        self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
+        self.leaves: Dict[str, torch.Tensor] = {}  # dest module -> zero leaf (its input's gradient)
+        self.qkv_leaves: Dict[int, torch.Tensor] = {}  # block -> zero leaf on the projected q/k/v
+        self.block_inputs: Dict[int, torch.Tensor] = {}
+        self.tail: Optional[int] = None
+
+    def narrow(self, k: int) -> bool:
+        self.tail = k
+        return True
+
+    def checkpoint(self, point, resid):
+        if point[1] == 0:
+            self.block_inputs[point[0]] = resid
+
+    def dest(self, names, x):
+        name = names[0]
+        if len(names) != 1 or name not in self.dest_modules or self.dest_modules[name].n_heads is not None:
+            return None  # head inputs: through plain_qkv
+        leaf = self.leaves[name] = torch.zeros_like(x, requires_grad=True)
+        return (x + leaf).unsqueeze(0)
+
+    def plain_qkv(self, block: int, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv [3 * heads, batch, pos, d_head]`` of block ``block``, plus a zero leaf where
+        its head inputs are destinations."""
+        if not any(f"blocks.{block}.hook_{x}" in self.dest_modules for x in ("q_input", "attn_in")):
+            return qkv
+        leaf = self.qkv_leaves[block] = torch.zeros_like(qkv, requires_grad=True)
+        return qkv + leaf
+
+
+def zero_mask_grads(pm, state, tokens: torch.Tensor, kwargs, loss: Callable) -> Optional[Dict]:
+    """``dL/dmasks`` at ``state``, whose masks must be 0 (dest module -> mask-shaped
+    tensor), with ``loss(model output) -> scalar``. None where this does not apply (no
+    lean forward for the model or call, masks not all 0 or transformed, or a torch.func
+    transform active): then take ``torch.func.grad`` of the patched forward."""
+    if (pm.lean is None or torch._C._are_functorch_transforms_active() or state.mask_fn is not None
+            or state.dropout_p > 0 or any(bool(m.any()) for m in state.masks.values())):
+        return None
+    patch = state.patch_src_outs
+    run = pm.lean.bind((tokens,), kwargs, None)
+    if run is None:
+        return None
+    vis = _ZeroInputs(pm)
+    with torch.enable_grad():
+        value = loss(run(vis))
+        leaves = list(vis.leaves.values()) + list(vis.qkv_leaves.values())
+        got = torch.autograd.grad(value, leaves, allow_unused=True)
+        grads = {k: torch.zeros_like(leaf) if g is None else g
+                 for k, leaf, g in zip(list(vis.leaves) + [("qkv", b) for b in vis.qkv_leaves], leaves, got)}
+    g = pm.graph
+    # every source's difference, once: [n_srcs, batch, pos, d] (sources of a block that ran
+    # on its last positions only fill those; only destinations narrowed alike read them)
+    diff = patch.expand(-1, tokens.shape[0], -1, -1).clone()
+    for s in g.src_modules:
+        out = vis.outs[s.module_name]
+        diff[s.srcs[0]:s.srcs[1], :, diff.shape[2] - out.shape[2]:] -= out
+    scores = {}
+    for d in g.dest_modules:
+        lo, hi = d.in_srcs
+        if d.n_heads is None:  # one "head": the gradient w.r.t. its own input
+            grad_in = grads[d.module_name].unsqueeze(0)  # [1, batch, pos', d]
+            scores[d.module_name] = _dot(grad_in, diff[lo:hi, :, diff.shape[2] - grad_in.shape[2]:], g.seq_len)[..., 0, :]
+    for block in vis.qkv_leaves:
+        names = [f"blocks.{block}.hook_{x}_input" for x in "qkv"]
+        split = names[0] in vis.dest_modules
+        lo, hi = vis.dest_modules[names[0] if split else f"blocks.{block}.hook_attn_in"].in_srcs
+        per_slot = _head_scores(pm, block, grads[("qkv", block)], vis.block_inputs[block], diff[lo:hi], split)
+        H = pm.lean.n_heads
+        if split:
+            for j, name in enumerate(names):
+                scores[name] = per_slot[..., j * H:(j + 1) * H, :]
+        else:
+            scores[f"blocks.{block}.hook_attn_in"] = per_slot
+    return {d.module_name: scores[d.module_name] for d in g.dest_modules}
+
+
+def _dot(grad_in: torch.Tensor, diff: torch.Tensor, seq_len) -> torch.Tensor:
+    """``<grad_in[h], diff[s]>``: ``[heads, n_in]``, per position ``[seq, heads, n_in]`` in
+    token graphs (positions a narrowed run did not compute: 0)."""
+    if seq_len is None:
+        return grad_in.flatten(1) @ diff.flatten(1).T
+    per_pos = torch.einsum("hbpd,nbpd->phn", grad_in, diff)
+    return F.pad(per_pos, (0, 0, 0, 0, seq_len - per_pos.shape[0], 0))
+
+
+def _head_scores(pm, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, diff: torch.Tensor,
+                 split: bool) -> torch.Tensor:
+    """``<g_h, diff_s>`` for every head slot of ``block`` (Q, K, V of each head when
+    ``split``, else one slot per head), where ``g_h`` is the gradient w.r.t. the slot's
+    own input, from ``grad_qkv [3H, batch, pos, d_head]`` (w.r.t. its projection): back
+    through the slot's weights, then through the layer norm at the shared residual ``x``.
+
+    The layer norm's backward ``g = rstd (y - mean(y) - xhat mean(y xhat))`` (``y``: the
+    gradient at its output times its weight) is applied to the differences' side of the
+    product, per position, so ``g`` itself is never formed.
+    """
+    w = pm.lean.weights()
+    H, dh = pm.lean.n_heads, pm.lean.d_head
+    _, b, p, _ = grad_qkv.shape
+    d = x.shape[-1]
+    weight = torch.cat([w[f"{block}.{n}.w"].view(H, dh, d) for n in "qkv"]) * w[f"{block}.ln1.w"]  # [3H, dh, d]
+    G = grad_qkv.reshape(3 * H, b * p, dh)
+    if not split:  # a head's slot feeds its Q, K and V: one product over the joined inner dims
+        G = G.view(3, H, b * p, dh).permute(1, 2, 0, 3).reshape(H, b * p, 3 * dh)
+        weight = weight.view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d)
+    y = torch.bmm(G, weight)  # [slots, b*p, d]: gradient at the layer norm's output, times its weight
+    centred = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(-1) + pm.lean.eps).reshape(b * p)
+    xhat = centred.reshape(b * p, d) * rstd[:, None]
+    y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0]  # [slots, b*p]: sum_d y
+    y_xhat = (G * torch.matmul(xhat, weight.transpose(1, 2))).sum(-1)  # [slots, b*p]: sum_d y * xhat
+    diff = diff.reshape(diff.shape[0], b * p, d)
+    d_sum, d_xhat = diff.sum(-1), (diff * xhat).sum(-1)  # [n_in, b*p]
+    scaled = diff * rstd[:, None]
+    if pm.graph.seq_len is None:
+        return (y.flatten(1) @ scaled.flatten(1).T - ((y_sum * rstd / d) @ d_sum.T)
+                - ((y_xhat * rstd / d) @ d_xhat.T))
+    per_pos = (torch.einsum("hbpd,nbpd->phn", y.view(-1, b, p, d), scaled.view(-1, b, p, d))
+               - torch.einsum("hbp,nbp->phn", (y_sum * rstd / d).view(-1, b, p), d_sum.view(-1, b, p))
+               - torch.einsum("hbp,nbp->phn", (y_xhat * rstd / d).view(-1, b, p), d_xhat.view(-1, b, p)))
+    return per_pos
