@@ -138,19 +138,17 @@ def _head_scores(pm, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, diff: 
     if not split:  # a head's slot feeds its Q, K and V: one product over the joined inner dims
         G = G.view(3, H, b * p, dh).permute(1, 2, 0, 3).reshape(H, b * p, 3 * dh)
         weight = weight.view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d)
-    y = torch.bmm(G, weight)  # [slots, b*p, d]: gradient at the layer norm's output, times its weight
     centred = x - x.mean(-1, keepdim=True)
     rstd = torch.rsqrt(centred.pow(2).mean(-1) + pm.lean.eps).reshape(b * p)
     xhat = centred.reshape(b * p, d) * rstd[:, None]
-    y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0]  # [slots, b*p]: sum_d y
-    y_xhat = (G * torch.matmul(xhat, weight.transpose(1, 2))).sum(-1)  # [slots, b*p]: sum_d y * xhat
+    G = G * rstd[:, None]  # the layer norm's 1/std, per position, taken on the small side
+    y = torch.bmm(G, weight)  # [slots, b*p, d]: gradient at the layer norm's output, times weight and 1/std
+    y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0] / d  # [slots, b*p]: mean_d y
+    y_xhat = (G * torch.matmul(xhat, weight.transpose(1, 2))).sum(-1) / d  # [slots, b*p]: mean_d y * xhat
     diff = diff.reshape(diff.shape[0], b * p, d)
     d_sum, d_xhat = diff.sum(-1), (diff * xhat).sum(-1)  # [n_in, b*p]
-    scaled = diff * rstd[:, None]
     if pm.graph.seq_len is None:
-        return (y.flatten(1) @ scaled.flatten(1).T - ((y_sum * rstd / d) @ d_sum.T)
-                - ((y_xhat * rstd / d) @ d_xhat.T))
-    per_pos = (torch.einsum("hbpd,nbpd->phn", y.view(-1, b, p, d), scaled.view(-1, b, p, d))
-               - torch.einsum("hbp,nbp->phn", (y_sum * rstd / d).view(-1, b, p), d_sum.view(-1, b, p))
-               - torch.einsum("hbp,nbp->phn", (y_xhat * rstd / d).view(-1, b, p), d_xhat.view(-1, b, p)))
-    return per_pos
+        return y.flatten(1) @ diff.flatten(1).T - y_sum @ d_sum.T - y_xhat @ d_xhat.T
+    return (torch.einsum("hbpd,nbpd->phn", y.view(-1, b, p, d), diff.view(-1, b, p, d))
+            - torch.einsum("hbp,nbp->phn", y_sum.view(-1, b, p), d_sum.view(-1, b, p))
+            - torch.einsum("hbp,nbp->phn", y_xhat.view(-1, b, p), d_xhat.view(-1, b, p)))
