@@ -25,6 +25,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from funcpatch.scratch import scratch
 from funcpatch.source_major import SrcMajorRecorder
 
 
@@ -71,7 +72,6 @@ def zero_mask_grads(pm, state, tokens: torch.Tensor, kwargs, loss: Callable) -> 
     if (pm.lean is None or torch._C._are_functorch_transforms_active() or state.mask_fn is not None
             or state.dropout_p > 0 or any(bool(m.any()) for m in state.masks.values())):
         return None
-    patch = state.patch_src_outs
     run = pm.lean.bind((tokens,), kwargs, None)
     if run is None:
         return None
@@ -80,12 +80,18 @@ def zero_mask_grads(pm, state, tokens: torch.Tensor, kwargs, loss: Callable) -> 
         value = loss(run(vis))
         leaves = list(vis.leaves.values()) + list(vis.qkv_leaves.values())
         got = torch.autograd.grad(value, leaves, allow_unused=True)
-        grads = {k: torch.zeros_like(leaf) if g is None else g
-                 for k, leaf, g in zip(list(vis.leaves) + [("qkv", b) for b in vis.qkv_leaves], leaves, got)}
+    grads = {k: torch.zeros_like(leaf) if g is None else g
+             for k, leaf, g in zip(list(vis.leaves) + [("qkv", b) for b in vis.qkv_leaves], leaves, got)}
+    with torch.no_grad():  # the scores are plain numbers (scratch tensors serve the large products)
+        return _scores(pm, vis, grads, state.patch_src_outs, tokens.shape[0])
+
+
+def _scores(pm, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: int) -> Dict[str, torch.Tensor]:
+    """Mask-shaped ``<g, patch_s - out_s>`` for every destination module."""
     g = pm.graph
     # every source's difference, once: [n_srcs, batch, pos, d] (sources of a block that ran
     # on its last positions only fill those; only destinations narrowed alike read them)
-    diff = patch.expand(-1, tokens.shape[0], -1, -1).clone()
+    diff = patch.expand(-1, batch, -1, -1).clone()
     for s in g.src_modules:
         out = vis.outs[s.module_name]
         diff[s.srcs[0]:s.srcs[1], :, diff.shape[2] - out.shape[2]:] -= out
@@ -142,11 +148,13 @@ def _head_scores(pm, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, diff: 
     rstd = torch.rsqrt(centred.pow(2).mean(-1) + pm.lean.eps).reshape(b * p)
     xhat = centred.reshape(b * p, d) * rstd[:, None]
     G = G * rstd[:, None]  # the layer norm's 1/std, per position, taken on the small side
-    y = torch.bmm(G, weight)  # [slots, b*p, d]: gradient at the layer norm's output, times weight and 1/std
+    # [slots, b*p, d]: gradient at the layer norm's output, times its weight and 1/std
+    y = torch.bmm(G, weight, out=scratch("eap head grads", (G.shape[0], b * p, d), G))
     y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0] / d  # [slots, b*p]: mean_d y
     y_xhat = (G * torch.matmul(xhat, weight.transpose(1, 2))).sum(-1) / d  # [slots, b*p]: mean_d y * xhat
     diff = diff.reshape(diff.shape[0], b * p, d)
-    d_sum, d_xhat = diff.sum(-1), (diff * xhat).sum(-1)  # [n_in, b*p]
+    d_sum = diff.sum(-1)  # [n_in, b*p]
+    d_xhat = torch.mul(diff, xhat, out=scratch("eap diff xhat", diff.shape, diff)).sum(-1)
     if pm.graph.seq_len is None:
         return y.flatten(1) @ diff.flatten(1).T - y_sum @ d_sum.T - y_xhat @ d_xhat.T
     return (torch.einsum("hbpd,nbpd->phn", y.view(-1, b, p, d), diff.view(-1, b, p, d))
