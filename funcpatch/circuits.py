@@ -207,7 +207,7 @@ def circuit_masks(pm, prune_scores: Mapping[str, torch.Tensor], edge_count: int,
     return masks, size
 
 
-def _tile(x: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+def tile(x: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     """``x`` repeated ``n`` times along ``dim``."""
     return x.repeat(*[n if i == dim else 1 for i in range(x.dim())])
 
@@ -299,9 +299,9 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
                     # the circuits of these sizes side by side along the batch: per-row masks
                     chunk = {k: v[a:a + step].repeat_interleave(rows, dim=0) for k, v in stacked.items()}
                     n = len(sizes[a:a + step])
-                    tiled = patch if patch.shape[1] == 1 else _tile(patch, n, 1)
+                    tiled = patch if patch.shape[1] == 1 else tile(patch, n, 1)
                     outs = patched_forward(pm, dataclasses.replace(state, masks=chunk, patch_src_outs=tiled),
-                                           _tile(tokens, n), **{k: _tile(v, n) if isinstance(v, torch.Tensor) else v
+                                           tile(tokens, n), **{k: tile(v, n) if isinstance(v, torch.Tensor) else v
                                                                 for k, v in kwargs.items()})[pm.out_slice]
                     outs = outs.reshape(n, rows, *outs.shape[1:])
                     for i, s in enumerate(sizes[a:a + step]):

@@ -29,6 +29,7 @@ class SrcMajorRecorder:
     def __init__(self, pm):
         self.pm = pm
         self.src_modules = {s.module_name: s for s in pm.graph.src_modules}
+        self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
         self.outs: Dict[str, torch.Tensor] = {}
 
     def src(self, name: str, out: torch.Tensor) -> None:
@@ -66,7 +67,6 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.state = state
         self.patch = state.patch_src_outs
         self.repeats = repeats  # the batch is the patch values' batch, repeated this many times
-        self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
         self.diffs: Dict[str, torch.Tensor] = {}
         self.buffer: Optional[torch.Tensor] = None
         self.in_place = not recording()

@@ -26,27 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from funcpatch.scratch import scratch
-from funcpatch.source_major import SrcMajorRecorder
+from funcpatch.source_major import CheckpointRecorder
 
 
-class _ZeroInputs(SrcMajorRecorder):
-    """Records sources, block inputs, and adds zero leaves at every destination."""
+class _ZeroInputs(CheckpointRecorder):
+    """Records sources and block inputs, and adds zero leaves at every destination."""
 
     def __init__(self, pm):
         super().__init__(pm)
-        self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
         self.leaves: Dict[str, torch.Tensor] = {}  # dest module -> zero leaf (its input's gradient)
         self.qkv_leaves: Dict[int, torch.Tensor] = {}  # block -> zero leaf on the projected q/k/v
-        self.block_inputs: Dict[int, torch.Tensor] = {}
-        self.tail: Optional[int] = None
 
     def narrow(self, k: int) -> bool:
-        self.tail = k
-        return True
-
-    def checkpoint(self, point, resid):
-        if point[1] == 0:
-            self.block_inputs[point[0]] = resid
+        return True  # the loss reads the last positions only; sources there are scored alike
 
     def dest(self, names, x):
         name = names[0]
@@ -105,7 +97,7 @@ def _scores(pm, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: int) -> Dic
         names = [f"blocks.{block}.hook_{x}_input" for x in "qkv"]
         split = names[0] in vis.dest_modules
         lo, hi = vis.dest_modules[names[0] if split else f"blocks.{block}.hook_attn_in"].in_srcs
-        per_slot = _head_scores(pm, block, grads[("qkv", block)], vis.block_inputs[block], diff[lo:hi], split)
+        per_slot = _head_scores(pm, block, grads[("qkv", block)], vis.checkpoints[(block, 0)][0], diff[lo:hi], split)
         H = pm.lean.n_heads
         if split:
             for j, name in enumerate(names):

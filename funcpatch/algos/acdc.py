@@ -77,7 +77,7 @@ import torch
 
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
-                                progress_bar, resolve_clean_corrupt)
+                                progress_bar, resolve_clean_corrupt, tile)
 from funcpatch.forward import patched_forward
 from funcpatch.source_major import record_checkpoints, resumed_patched_forward
 from funcpatch.graph import Edge
@@ -203,17 +203,12 @@ class _Evaluator:
         vals = torch.cat([removed, removed.new_zeros(removed.shape[0], 1)], 1)
         return {m: vals[:, idx] for m, idx in self.index.items()}
 
-    def _tile(self, x: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
-        reps = [1] * x.dim()
-        reps[dim] = k
-        return x.repeat(*reps)
-
     def outputs(self, removed: torch.Tensor) -> torch.Tensor:
         """Circuit outputs ``[K, batch, ...]`` (``out[pm.out_slice]`` of each circuit)."""
         k = removed.shape[0]
         masks = {m: v.repeat_interleave(self.batch, dim=0) for m, v in self.masks(removed).items()}
-        kwargs = {name: self._tile(v, k) for name, v in self.kwargs.items()}
-        tokens = self._tile(self.tokens, k)
+        kwargs = {name: tile(v, k) for name, v in self.kwargs.items()}
+        tokens = tile(self.tokens, k)
         with torch.no_grad():
             out = None
             if self.checkpoints is not None:
@@ -223,10 +218,10 @@ class _Evaluator:
                 point = divmod(int(self.edge_point[hit].min() if len(hit) else self.edge_point[-1]), 2)
                 resid, n_before = self.checkpoints[point]
                 state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self.patch)
-                out = resumed_patched_forward(self.pm, state, point, self._tile(resid, k), self.src_outs[:n_before],
+                out = resumed_patched_forward(self.pm, state, point, tile(resid, k), self.src_outs[:n_before],
                                               tokens, **kwargs, **self.lean_kwargs, repeats=k)
             if out is None:
-                state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self._tile(self.patch, k, 1))
+                state = dataclasses.replace(self.template, masks=masks, patch_src_outs=tile(self.patch, k, 1))
                 out = patched_forward(self.pm, state, tokens, **kwargs, **self.lean_kwargs)
         out = out[self.pm.out_slice]
         return out.reshape(k, self.batch, *out.shape[1:])
