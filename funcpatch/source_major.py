@@ -4,6 +4,7 @@ forward from a checkpoint of a clean one (ACDC's candidates)."""
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -154,16 +155,28 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 heads = mask.shape[2]
                 out = None if heads == 1 else scratch("head inputs", (heads, flat.shape[1]), flat)
                 return torch.mm(mask[0, 0], flat, out=out).view(-1, b, p, d)
-            # masks per batch row: one product per row, reading the differences in place
-            rows = diff.transpose(0, 1).flatten(2)
-            if not self.in_place:  # the result is batch-major underneath ([batch, heads_total, pos, d])
-                return torch.baddbmm(x.reshape(b, 1, p * d), mask[:, 0], rows).view(b, -1, p, d).transpose(0, 1)
-            heads = mask.shape[2]
+            # masks per batch row: one product per group of rows that share their masks
+            # (circuits stacked along the batch; else single rows), reading the differences in place
+            shared = _shared_rows(mask)
+            g = b // shared
+            mask = mask[::shared, 0]  # [groups, heads_total, n]
+            rows = diff.unflatten(1, (g, shared)).transpose(0, 1).flatten(2)  # [groups, n, shared * pos * d]
+            if not self.in_place:  # the result is group-major underneath ([groups, heads_total, shared, pos, d])
+                out = torch.baddbmm(x.reshape(g, 1, -1), mask, rows)
+                return out.view(g, -1, shared, p, d).transpose(0, 1).reshape(-1, b, p, d)
+            heads = mask.shape[1]
             out = x.new_empty((heads, b, p * d)) if heads == 1 else scratch("head inputs", (heads, b, p * d), x)
-            torch.bmm(mask[:, 0], rows, out=out.transpose(0, 1))  # written head-major
+            torch.bmm(mask, rows, out=out.view(heads, g, -1).transpose(0, 1))  # written head-major
             return out.view(heads, b, p, d)
         delta = torch.einsum("bphn,nbpd->hbpd", mask.expand(b, p, *mask.shape[2:]), diff)
         return delta if self.in_place else x + delta
+
+
+def _shared_rows(mask: torch.Tensor) -> int:
+    """The largest ``k`` such that per-row masks ``[batch, ...]`` are equal within every
+    aligned group of ``k`` rows (ACDC and ``run_circuits`` stack circuits along the batch)."""
+    starts = (mask[1:] != mask[:-1]).flatten(1).any(1).nonzero()[:, 0] + 1  # rows where the masks change
+    return math.gcd(mask.shape[0], *starts.tolist())
 
 
 class CheckpointRecorder(SrcMajorRecorder):

@@ -93,6 +93,28 @@ def test_patched_forward_equals_hook_path(graph, variant, seed, batched_masks, p
     torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
+@settings(max_examples=15, deadline=None)
+@given(graph=st.sampled_from(["split", "unsplit", "residual"]), seed=st.integers(0, 10_000),
+       pattern=st.sampled_from([(0, 1), (0, 0), (0, 1, 2), (0, 0, 1), (0, 1, 1, 0)]), no_grad=st.booleans())
+def test_circuits_stacked_along_the_batch_equal_one_forward_each(graph, seed, pattern, no_grad):
+    """Several circuits side by side along the batch (each one's masks on every row of its
+    copy of the prompts, as ACDC and run_circuits stack them) give each circuit's own
+    forward; ``pattern`` names the circuit of each copy (equal neighbours share rows)."""
+    lean, _ = pair(graph)
+    clean, corrupt = tokens(seed), tokens(seed + 1)
+    circuits = [random_state(lean, corrupt, seed + c) for c in range(max(pattern) + 1)]
+    rows = clean.shape[0]
+    masks = {k: torch.stack([circuits[c].masks[k] for c in pattern]).repeat_interleave(rows, 0)
+             for k in circuits[0].masks}
+    state = dataclasses.replace(circuits[0], masks=masks,
+                                patch_src_outs=circuits[0].patch_src_outs.repeat(1, len(pattern), 1, 1))
+    with torch.set_grad_enabled(not no_grad):
+        stacked = fp.patched_forward(lean, state, clean.repeat(len(pattern), 1))
+    for i, c in enumerate(pattern):
+        torch.testing.assert_close(stacked[i * rows:(i + 1) * rows], fp.patched_forward(lean, circuits[c], clean),
+                                   atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("ablation", list(fp.AblationType))
 def test_every_ablation_type_equals_hook_path(ablation):
     lean, hooks = pair("split")
