@@ -134,23 +134,6 @@ def peak_rss_delta_mb(fn) -> dict:
 MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def steady_malloc() -> None:
-    """Let glibc's malloc keep freed memory in this process (fixed mmap and trim
-    thresholds), as the timing processes of both libraries do.
-
-    With the default (dynamic) thresholds, whether a call's large tensors come from
-    memory the process already holds or from fresh pages (one page fault per 4 KiB)
-    depends on the process's allocation history: measured in one script, 0 to 2,900
-    faults per patched forward and 0 to 8,000 per transformers forward, moving with
-    unrelated earlier calls. That is noise in the ratios, not either library's speed.
-    (The memory measurement runs in its own processes with the opposite setting.)"""
-    import ctypes
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 28)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
 def setup_threads() -> None:
     torch.set_num_threads(THREADS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -267,7 +267,6 @@ if __name__ == "__main__":
     C.setup_threads()
     mode = sys.argv[1]
     if mode == "serve":
-        C.steady_malloc()
         Server(sys.argv[2]).loop()
     elif mode == "mem":
         mem(sys.argv[2])

@@ -305,7 +305,6 @@ def main():
 
     import funcpatch as fp
     C.setup_threads()
-    C.steady_malloc()
     reps = args.reps or (3 if args.quick else 7)
     only = set(args.only)
     waited = wait_for_load(args.wait_load)
