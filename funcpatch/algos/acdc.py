@@ -81,7 +81,6 @@ from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forwa
 from funcpatch.forward import patched_forward
 from funcpatch.source_major import record_checkpoints, resumed_patched_forward
 from funcpatch.graph import Edge
-from funcpatch.metrics import kl_divergence
 from funcpatch.patchable import PatchableModel
 from funcpatch.runtime import activated
 from funcpatch.state import init_state, patch_mode
@@ -174,6 +173,7 @@ class _Evaluator:
         self.pm, self.tokens, self.kwargs, self.patch = pm, tokens, kwargs, patch
         self.lean_kwargs = lean_kwargs
         self.clean_out, self.target = clean_out, target
+        self.clean_probs = None  # (q, log q) of the clean outputs, for KL
         self.batch = tokens.shape[0]
         self.max_k = max(1, max_rows // self.batch)
         g = pm.graph
@@ -230,10 +230,13 @@ class _Evaluator:
         """``[K]``: the faithfulness metric of each circuit's outputs ``[K, batch, ...]``."""
         k = outs.shape[0]
         if self.target == "kl_div":
-            flat = outs.reshape(-1, outs.shape[-1])
-            ref = self.clean_out.reshape(-1, outs.shape[-1])
-            ref = ref.unsqueeze(0).expand(k, *ref.shape).reshape(flat.shape)
-            return kl_divergence(flat, ref, per_prompt=True).reshape(k, -1).mean(1)
+            # fp.metrics.kl_divergence's arithmetic, its clean side (q, log q) computed once
+            if self.clean_probs is None:
+                logq = torch.log_softmax(self.clean_out, dim=-1)
+                q = logq.exp()
+                self.clean_probs = q, torch.where(q > 0, logq, torch.zeros_like(logq))
+            q, logq = self.clean_probs
+            return (q * (logq - torch.log_softmax(outs, dim=-1))).sum(-1).reshape(k, -1).mean(1)
         return (outs - self.clean_out.unsqueeze(0)).pow(2).reshape(k, -1).mean(1)
 
     def evaluate(self, removed: torch.Tensor, keep_outputs: bool = False):
