@@ -178,9 +178,12 @@ class Peer:
         return res
 
     def time1(self, cmd: str, **kw) -> float:
+        # torch's OpenMP threads spin for a while after a process's last parallel region:
+        # each side starts only after the other one has been idle for the same pause
+        # (measured: a run that starts after 0.5 s idle is ~10% slower than one started
+        # right after another run, so pausing on one side only would favour the other)
+        time.sleep(0.5)
         t = self.call(cmd, n=1, **kw)["times"][0]
-        # torch's OpenMP threads in the other process spin for a while after its last
-        # parallel region; let them go idle before this process times anything
         time.sleep(0.5)
         return t
 
@@ -489,7 +492,7 @@ def main():
             checks.append((f"ACDC ({tag} model) scores equal per edge, funcpatch vs auto-circuit",
                            f"{agree} / {len(fa)} edges (auto-circuit graph: {n_peer_edges} edges)"))
 
-    acdc_reps = max(2, reps // 3)
+    acdc_reps = max(3, reps // 2)
     for phase, tag, shape, taus in (("acdc", "small", C.ACDC_WORKLOAD, C.ACDC_TAUS),
                                     ("acdc_wide", "2-layer full-width", C.ACDC_WIDE_WORKLOAD, C.ACDC_WIDE_TAUS)):
         if phase in only:
