@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,9 @@ fixed seed and saved to a temporary file; funcpatch wraps a copy with
 ``fp.models.from_hf`` (TransformerLens TransformerBridge), auto-circuit converts a copy
 to a HookedTransformer (no weight processing). Logits are compared before any timing.
 
-Every timing is the median of the repetitions after one warm-up, with
+Every timing is the median of the repetitions after one warm-up, each timed call right
+after an untimed call of the same function (no timed call starts from an idle machine;
+the same pause before and after each auto-circuit command), with
 ``torch.set_num_threads(2)`` in both processes, under ``torch.no_grad()`` for forwards.
 The results go to stdout and to ``benchmarks/results.md``.
 """
@@ -183,7 +185,7 @@ class Peer:
         # (measured: a run that starts after 0.5 s idle is ~10% slower than one started
         # right after another run, so pausing on one side only would favour the other)
         time.sleep(0.5)
-        t = self.call(cmd, n=1, **kw)["times"][0]
+        t = self.call(cmd, n=2, **kw)["times"][-1]  # after one untimed run, as C.timed_warm
         time.sleep(0.5)
         return t
 
@@ -310,7 +312,7 @@ def main():
     C.setup_threads()
     reps = args.reps or (3 if args.quick else 7)
     only = set(args.only)
-    waited = wait_for_load(args.wait_load)
+    wait_for_load(args.wait_load)
     t_start = datetime.datetime.now()
     load_before = load_avg()
     loads = []  # 1-minute load average at the start of each phase
@@ -379,15 +381,15 @@ def main():
 
         def t_fp():
             with torch.no_grad():
-                return C.timed(lambda: fp.patched_forward(pm, state, x))
+                return C.timed_warm(lambda: fp.patched_forward(pm, state, x))
 
         def t_bridge():
             with torch.no_grad():
-                return C.timed(lambda: pm.model(x))
+                return C.timed_warm(lambda: pm.model(x))
 
         def t_hf():
             with torch.no_grad():
-                return C.timed(lambda: hf(x))
+                return C.timed_warm(lambda: hf(x))
 
         fns = {"funcpatch": t_fp, "bridge": t_bridge, "transformers": t_hf}
         if peer:
@@ -435,10 +437,10 @@ def main():
             out = {}
 
             def t_fp_eap():
-                t = C.timed(lambda: out.__setitem__("s", eap(pm, dl, progress=False)))
+                t = C.timed_warm(lambda: out.__setitem__("s", eap(pm, dl, progress=False)))
                 return t
 
-            fns = {"funcpatch": t_fp_eap, "floor": lambda: C.timed(lambda: eap_floor(hf, batches))}
+            fns = {"funcpatch": t_fp_eap, "floor": lambda: C.timed_warm(lambda: eap_floor(hf, batches))}
             if peer:
                 fns["auto-circuit"] = lambda: peer.time1("eap", save=True)
             eap_reps = max(3, reps - 2)
@@ -469,7 +471,8 @@ def main():
         out = {}
 
         def t_fp_acdc():
-            return C.timed(lambda: out.__setitem__("s", acdc(apm, adl, tao_exps=exps, tao_bases=[1], progress=False)))
+            return C.timed_warm(lambda: out.__setitem__("s", acdc(apm, adl, tao_exps=exps, tao_bases=[1],
+                                                                  progress=False)))
 
         fns = {"funcpatch": t_fp_acdc}
         if peer:
@@ -516,10 +519,11 @@ def main():
             out = {}
 
             def t_vmap():
-                return C.timed(lambda: out.__setitem__("v", mg(pm, dl1, mask_val=0.0, per_prompt=True, progress=False)))
+                return C.timed_warm(lambda: out.__setitem__("v", mg(pm, dl1, mask_val=0.0, per_prompt=True,
+                                                                    progress=False)))
 
             def t_loop():
-                return C.timed(lambda: out.__setitem__("l", [eap(pm, s, progress=False) for s in singles]))
+                return C.timed_warm(lambda: out.__setitem__("l", [eap(pm, s, progress=False) for s in singles]))
 
             med, T = interleave({"vmap": t_vmap, "loop": t_loop}, max(3, reps // 2))
             n = len(singles)
@@ -539,10 +543,10 @@ def main():
             n_e = pm.graph.n_edges
             sizes = [0, 30, 100, 300, 1000, n_e]
             has_vmap = "vmap_sizes" in inspect.signature(rc).parameters
-            fns = {"per size": lambda: C.timed(lambda: [rc(pm, dl, [s], scores, progress=False) for s in sizes]),
-                   "one call, loop": lambda: C.timed(lambda: rc(pm, dl, sizes, scores, progress=False))}
+            fns = {"per size": lambda: C.timed_warm(lambda: [rc(pm, dl, [s], scores, progress=False) for s in sizes]),
+                   "one call, loop": lambda: C.timed_warm(lambda: rc(pm, dl, sizes, scores, progress=False))}
             if has_vmap:
-                fns["vmap"] = lambda: C.timed(lambda: rc(pm, dl, sizes, scores, progress=False, vmap_sizes=True))
+                fns["vmap"] = lambda: C.timed_warm(lambda: rc(pm, dl, sizes, scores, progress=False, vmap_sizes=True))
             if peer:
                 torch.save(scores_by_name(pm, scores), os.path.join(workdir, "circuit_scores.pt"))
                 fns["auto-circuit"] = lambda: peer.time1("run_circuits", sizes=sizes)
@@ -587,8 +591,9 @@ def main():
                  f"{C.WORKLOAD['n_head']} heads, vocab {C.WORKLOAD['vocab_size']}, random weights (seed {C.SEED}), "
                  f"batch {C.BATCH} × {C.SEQ} tokens, factorized graph with separate Q/K/V: {pm.graph.n_edges} edges")
     lines.append(f"- timings: median of {reps} runs (EAP {max(3, reps - 2)}, vmap rows {max(3, reps // 2)}, ACDC "
-                 f"{max(2, reps // 3)}) "
-                 "after one warm-up, funcpatch and baselines interleaved run by run; forwards under `torch.no_grad()`")
+                 f"{acdc_reps}) after one warm-up, funcpatch and baselines interleaved run by run, each timed call "
+                 "right after an untimed call of the same function (in both processes); forwards under "
+                 "`torch.no_grad()`")
     lines += ["", "| measurement | funcpatch | baseline | baseline value | ratio (funcpatch / baseline), medians | "
               "same ratio from the fastest runs | target | met (medians) |",
               "|---|---|---|---|---|---|---|---|"]
