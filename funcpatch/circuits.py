@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from funcpatch.ablation import AblationType, as_ablation_type, enum_member, src_ablations
 from funcpatch.edge_counts import desc_prune_scores, prune_scores_threshold
 from funcpatch.forward import patched_forward, record_src_outs
+from funcpatch.source_major import repeated_patched_forward
 from funcpatch.state import init_state, patch_mode
 
 PruneScores = Dict[str, torch.Tensor]
@@ -212,6 +213,23 @@ def tile(x: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     return x.repeat(*[n if i == dim else 1 for i in range(x.dim())])
 
 
+# Stacked circuits per forward (run_circuits(vmap_sizes=True), vmap_chunk_size=None): as
+# many as keep the stacked inputs of the largest destination group (e.g. every Q/K/V
+# head slot of a layer, ``[slots, rows, seq, d]``) within this many elements. Measured on
+# the benchmark's models: stacking pays where per-operation overhead dominates (2-layer,
+# d_model 64: 2-3 circuits per forward 0.7x the time of one at a time) and costs once
+# the stacked intermediates outgrow the caches (4 layers, d_model 256: 3 or more 1.2-1.5x).
+_STACK_BUDGET = 2 ** 20
+
+
+def _sizes_per_forward(pm, rows: int, patch: torch.Tensor) -> int:
+    slots: Dict[Tuple[int, int], int] = {}
+    for d in pm.graph.dest_modules:
+        slots[d.in_srcs] = slots.get(d.in_srcs, 0) + (d.n_heads or 1)
+    per_circuit = max(slots.values(), default=1) * rows * patch[0, 0].numel()
+    return max(1, _STACK_BUDGET // per_circuit)
+
+
 def _stack(mask_sets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {k: torch.stack([m[k] for m in mask_sets]) for k in mask_sets[0]}
 
@@ -250,8 +268,11 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
         vmap_sizes: evaluate all sizes of a batch at once, vectorised: one patched forward
             with the circuits side by side along the batch (per-row masks), which keeps
             funcpatch's fast no-grad path (``torch.func.vmap`` over the masks gives the same
-            outputs, slower). Same outputs as the sequential loop; memory grows with the
-            number of sizes, bounded by ``vmap_chunk_size`` sizes per forward.
+            outputs, slower). Same outputs as the sequential loop.
+        vmap_chunk_size: with ``vmap_sizes``, the most sizes per forward. None: as many as
+            keep the stacked inputs of one destination group within 2**20 elements
+            (stacking pays on small models and costs on large ones, whose stacked
+            intermediates outgrow the caches; on large ones this is one size per forward).
 
     Returns:
         ``{real edge count: {batch.key: model output[pm.out_slice]}}`` (detached), sizes in
@@ -294,15 +315,19 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
 
             if vmap_sizes:
                 rows = tokens.shape[0]
-                step = vmap_chunk_size or len(sizes)
+                step = vmap_chunk_size or _sizes_per_forward(pm, rows, patch)
                 for a in range(0, len(sizes), step):
                     # the circuits of these sizes side by side along the batch: per-row masks
                     chunk = {k: v[a:a + step].repeat_interleave(rows, dim=0) for k, v in stacked.items()}
                     n = len(sizes[a:a + step])
-                    tiled = patch if patch.shape[1] == 1 else tile(patch, n, 1)
-                    outs = patched_forward(pm, dataclasses.replace(state, masks=chunk, patch_src_outs=tiled),
-                                           tile(tokens, n), **{k: tile(v, n) if isinstance(v, torch.Tensor) else v
-                                                                for k, v in kwargs.items()})[pm.out_slice]
+                    stacked_kwargs = {k: tile(v, n) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                    outs = repeated_patched_forward(pm, dataclasses.replace(state, masks=chunk), tile(tokens, n),
+                                                    repeats=n, **stacked_kwargs)
+                    if outs is None:  # no lean forward: the patch values tiled along the batch
+                        tiled = patch if patch.shape[1] == 1 else tile(patch, n, 1)
+                        outs = patched_forward(pm, dataclasses.replace(state, masks=chunk, patch_src_outs=tiled),
+                                               tile(tokens, n), **stacked_kwargs)
+                    outs = outs[pm.out_slice]
                     outs = outs.reshape(n, rows, *outs.shape[1:])
                     for i, s in enumerate(sizes[a:a + step]):
                         out[s][batch.key] = outs[i].detach().clone()

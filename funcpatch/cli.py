@@ -354,7 +354,7 @@ def discover(args) -> DiscoverResult:
     real = [circuit_size_at(scores, c) for c in counts]
     wanted = list(dict.fromkeys([0] + counts + [n_edges]))  # the empty circuit and the full model too
     outs = run_circuits(pm, test_batches, wanted, scores, patch_type=PatchType.TREE_PATCH,
-                        ablation_type=ablation, progress=progress, vmap_sizes=True, vmap_chunk_size=4)
+                        ablation_type=ablation, progress=progress, vmap_sizes=True)
     if 0 not in outs or n_edges not in outs:  # infinite scores: the empty circuit was not run
         zeros = {k: torch.zeros_like(v) for k, v in scores.items()}
         base = run_circuits(pm, test_batches, [0, n_edges], zeros, patch_type=PatchType.TREE_PATCH,

@@ -176,8 +176,9 @@ def test_vmapped_equals_sequential_token_graph_and_mean_ablation(micro):
 
 
 def test_dataset_mean_and_zero_ablations_gpt2(gpt2, loader):
+    """Also resample: sizes stacked along the batch share one batch's patch values."""
     scores = distinct_scores(gpt2, seed=1)
-    for ablation in (fp.AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT, "zero"):
+    for ablation in ("resample", fp.AblationType.TOKENWISE_MEAN_CLEAN_AND_CORRUPT, "zero"):
         seq = run_circuits(gpt2, loader, [0, 10, gpt2.n_edges], scores, ablation_type=ablation, progress=False)
         vm = run_circuits(gpt2, loader, [0, 10, gpt2.n_edges], scores, ablation_type=ablation, progress=False,
                           vmap_sizes=True)
