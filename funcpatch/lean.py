@@ -250,7 +250,8 @@ def _project_per_head(x: torch.Tensor, ln, w: torch.Tensor, bias: torch.Tensor) 
 def _one_kernel(act: nn.Module):
     """``act`` as one kernel where torch has one for its formula: transformers'
     ``NewGELUActivation`` (GPT-2's ``gelu_new``) spells torch's tanh-approximate GELU out
-    in six elementwise operations, about a tenth of a plain forward's time here."""
+    in six elementwise operations (measured: 4-8% of the patched forward's time on the
+    benchmark workload)."""
     if type(act).__name__ == "NewGELUActivation":
         return _tanh_gelu
     return act

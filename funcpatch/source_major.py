@@ -219,8 +219,9 @@ def resumed_patched_forward(pm, state: PatchState, point: Tuple[int, int], resid
     Exact when no destination before ``point`` is patched (their masks are 0) and
     ``resid``/``src_outs`` come from an unpatched forward on the same inputs
     (:func:`record_checkpoints`): the residual at that point and the outputs
-    ``[n_before, batch, pos, d]`` of the sources before it. Returns None when the model
-    or the call has no lean forward (then run :func:`patched_forward`).
+    ``[n_before, batch, pos, d]`` of the sources before it (at ``(0, 0)`` both may be
+    None: the whole forward). Returns None when the model or the call has no lean
+    forward (then run :func:`patched_forward`).
 
     With ``repeats`` the inputs (and ``resid``) are ``repeats`` stacked copies of the
     batch that ``state.patch_src_outs`` and ``src_outs`` were computed on, which are
