@@ -55,8 +55,8 @@ are evaluated together each step:
    the unembedding run at the last position only. Other models run every candidate
    through the whole patched forward.
 
-Measured on the benchmark's 2-layer model (``benchmarks/``): 0.36-0.43 s for two τ
-values, against 1.8-2.4 s for auto-circuit's ``acdc_prune_scores`` on the same weights
+Measured on the benchmark's 2-layer model (``benchmarks/``): 0.34-0.35 s for two τ
+values, against 1.8-2.2 s for auto-circuit's ``acdc_prune_scores`` on the same weights
 and data (same scores on every edge).
 
 Results equal the one-mask-at-a-time algorithm up to floating-point differences
