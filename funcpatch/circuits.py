@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from funcpatch.ablation import AblationType, as_ablation_type, enum_member, src_ablations
 from funcpatch.edge_counts import desc_prune_scores, prune_scores_threshold
 from funcpatch.forward import patched_forward, record_src_outs
-from funcpatch.source_major import repeated_patched_forward
+from funcpatch.source_major import resumed_patched_forward
 from funcpatch.state import init_state, patch_mode
 
 PruneScores = Dict[str, torch.Tensor]
@@ -213,6 +213,28 @@ def tile(x: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
     return x.repeat(*[n if i == dim else 1 for i in range(x.dim())])
 
 
+def stacked_patched_forward(pm, state, tokens: torch.Tensor, kwargs, repeats: int, resume=None):
+    """:func:`patched_forward` of ``repeats`` circuits side by side along the batch: the
+    inputs ``tokens`` (and tensor ``kwargs``) are tiled ``repeats`` times, ``state.masks``
+    hold one row per stacked row and ``state.patch_src_outs`` is the untiled batch's.
+
+    On lean forwards (:mod:`funcpatch.lean`) the patch values serve every copy untiled,
+    and ``resume=(point, resid, src_outs)`` (a clean checkpoint of the untiled batch,
+    :func:`funcpatch.source_major.record_checkpoints`) starts there; elsewhere the patch
+    values are tiled and the whole forward runs.
+    """
+    tokens = tile(tokens, repeats)
+    kwargs = {k: tile(v, repeats) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    point, resid, src_outs = resume or ((0, 0), None, None)
+    out = resumed_patched_forward(pm, state, point, None if resid is None else tile(resid, repeats), src_outs,
+                                  tokens, repeats=repeats, **kwargs)
+    if out is None:
+        patch = state.patch_src_outs
+        tiled = dataclasses.replace(state, patch_src_outs=patch if patch.shape[1] == 1 else tile(patch, repeats, 1))
+        out = patched_forward(pm, tiled, tokens, **kwargs)
+    return out
+
+
 # Stacked circuits per forward (run_circuits(vmap_sizes=True), vmap_chunk_size=None): as
 # many as keep the stacked inputs of the largest destination group (e.g. every Q/K/V
 # head slot of a layer, ``[slots, rows, seq, d]``) within this many elements. Measured on
@@ -320,14 +342,8 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
                     # the circuits of these sizes side by side along the batch: per-row masks
                     chunk = {k: v[a:a + step].repeat_interleave(rows, dim=0) for k, v in stacked.items()}
                     n = len(sizes[a:a + step])
-                    stacked_kwargs = {k: tile(v, n) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-                    outs = repeated_patched_forward(pm, dataclasses.replace(state, masks=chunk), tile(tokens, n),
-                                                    repeats=n, **stacked_kwargs)
-                    if outs is None:  # no lean forward: the patch values tiled along the batch
-                        tiled = patch if patch.shape[1] == 1 else tile(patch, n, 1)
-                        outs = patched_forward(pm, dataclasses.replace(state, masks=chunk, patch_src_outs=tiled),
-                                               tile(tokens, n), **stacked_kwargs)
-                    outs = outs[pm.out_slice]
+                    outs = stacked_patched_forward(pm, dataclasses.replace(state, masks=chunk), tokens, kwargs,
+                                                   n)[pm.out_slice]
                     outs = outs.reshape(n, rows, *outs.shape[1:])
                     for i, s in enumerate(sizes[a:a + step]):
                         out[s][batch.key] = outs[i].detach().clone()

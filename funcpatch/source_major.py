@@ -203,14 +203,6 @@ def record_checkpoints(pm, *args, **kwargs):
     return out, rec.stacked(), rec.checkpoints
 
 
-def repeated_patched_forward(pm, state: PatchState, *args, repeats: int, **kwargs):
-    """:func:`patched_forward` on inputs that are ``repeats`` stacked copies of the batch
-    ``state.patch_src_outs`` was computed on, which then serves every copy untiled (many
-    circuits side by side along the batch, per-row masks). None when the model or the
-    call has no lean forward (tile the patch values and run :func:`patched_forward`)."""
-    return resumed_patched_forward(pm, state, (0, 0), None, None, *args, repeats=repeats, **kwargs)
-
-
 def resumed_patched_forward(pm, state: PatchState, point: Tuple[int, int], resid: Optional[torch.Tensor],
                             src_outs: Optional[torch.Tensor], *args, repeats: int = 1, **kwargs):
     """:func:`patched_forward` started at ``point`` (see :func:`record_checkpoints`; lean

@@ -77,9 +77,9 @@ import torch
 
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
-                                progress_bar, resolve_clean_corrupt, tile)
+                                progress_bar, resolve_clean_corrupt, stacked_patched_forward)
 from funcpatch.forward import patched_forward
-from funcpatch.source_major import record_checkpoints, resumed_patched_forward
+from funcpatch.source_major import record_checkpoints
 from funcpatch.graph import Edge
 from funcpatch.patchable import PatchableModel
 from funcpatch.runtime import activated
@@ -207,23 +207,18 @@ class _Evaluator:
         """Circuit outputs ``[K, batch, ...]`` (``out[pm.out_slice]`` of each circuit)."""
         k = removed.shape[0]
         masks = {m: v.repeat_interleave(self.batch, dim=0) for m, v in self.masks(removed).items()}
-        kwargs = {name: tile(v, k) for name, v in self.kwargs.items()}
-        tokens = tile(self.tokens, k)
+        resume = None
+        if self.checkpoints is not None:
+            # start at the first checkpoint a removed edge changes; the patch values and
+            # the earlier sources' outputs serve every circuit untiled
+            hit = torch.nonzero(removed.any(0))[:, 0]
+            point = divmod(int(self.edge_point[hit].min() if len(hit) else self.edge_point[-1]), 2)
+            resid, n_before = self.checkpoints[point]
+            resume = (point, resid, self.src_outs[:n_before])
+        state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self.patch)
         with torch.no_grad():
-            out = None
-            if self.checkpoints is not None:
-                # start at the first checkpoint a removed edge changes; the patch values and
-                # the earlier sources' outputs serve every circuit untiled (repeats=k)
-                hit = torch.nonzero(removed.any(0))[:, 0]
-                point = divmod(int(self.edge_point[hit].min() if len(hit) else self.edge_point[-1]), 2)
-                resid, n_before = self.checkpoints[point]
-                state = dataclasses.replace(self.template, masks=masks, patch_src_outs=self.patch)
-                out = resumed_patched_forward(self.pm, state, point, tile(resid, k), self.src_outs[:n_before],
-                                              tokens, **kwargs, **self.lean_kwargs, repeats=k)
-            if out is None:
-                state = dataclasses.replace(self.template, masks=masks, patch_src_outs=tile(self.patch, k, 1))
-                out = patched_forward(self.pm, state, tokens, **kwargs, **self.lean_kwargs)
-        out = out[self.pm.out_slice]
+            out = stacked_patched_forward(self.pm, state, self.tokens, {**self.kwargs, **self.lean_kwargs}, k,
+                                          resume)[self.pm.out_slice]
         return out.reshape(k, self.batch, *out.shape[1:])
 
     def faith(self, outs: torch.Tensor) -> torch.Tensor:
