@@ -173,24 +173,27 @@ class LeanGPT2:
         x = F.layer_norm(resid, resid.shape[-1:], w["ln_f.w"], w["ln_f.b"], self.eps)
         return F.linear(x, w["unembed.w"], w.get("unembed.b"))
 
+    def qkv_weights(self, w: Mapping[str, torch.Tensor], i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Block ``i``'s joined Q, K, V projection ``[3 * d, d]`` (as ``nn.Linear``) and bias
+        ``[3 * d]``: rows in slot order (Q of each head, then K, then V)."""
+        return torch.cat([w[f"{i}.{x}.w"] for x in "qkv"]), torch.cat([w[f"{i}.{x}.b"] for x in "qkv"])
+
     def _attention(self, w, i: int, resid: torch.Tensor, visitor, add_mask, tail: int = 0) -> torch.Tensor:
         """Attention block ``i``'s output ``[batch, pos, d]`` (per-head results go to the visitor);
         with ``tail`` and a visitor that narrows, the last ``tail`` query positions only."""
         b, p, d = resid.shape
         H, dh = self.n_heads, self.d_head
         pre = f"blocks.{i}."
-        wq, wk, wv = (w[f"{i}.{x}.w"].view(H, dh, d) for x in "qkv")  # per head: [dh, d]
-        bq, bk, bv = (w[f"{i}.{x}.b"].view(H, 1, dh) for x in "qkv")
+        w_qkv, b_qkv = self.qkv_weights(w, i)  # [3d, d], [3d]: the Q, K, V slots of every head, in order
         ln = (w[f"{i}.ln1.w"], w[f"{i}.ln1.b"], self.eps)
         got = visitor.dest_slots([pre + f"hook_{n}_input" for n in "qkv"], resid)  # each its own copy
         if got is not None:
-            w_in, b_in = torch.cat([wq, wk, wv]).transpose(1, 2), torch.cat([bq, bk, bv])  # [3H, d, dh], [3H, 1, dh]
+            w_in, b_in = w_qkv.view(3 * H, dh, d).transpose(1, 2), b_qkv.view(3 * H, 1, dh)  # per slot
             slots, x = got
             if slots is None:
                 qkv = _project_per_head(x, ln, w_in, b_in)  # [3H, b, p, dh]
             else:  # only some slots are patched: the others project the residual itself
-                qkv = F.linear(F.layer_norm(resid, (d,), *ln), w_in.transpose(1, 2).reshape(3 * d, d),
-                               b_in.view(3 * d)).view(b, p, 3 * H, dh).permute(2, 0, 1, 3)
+                qkv = F.linear(F.layer_norm(resid, (d,), *ln), w_qkv, b_qkv).view(b, p, 3 * H, dh).permute(2, 0, 1, 3)
                 if len(slots):
                     qkv = qkv.index_copy(0, slots, _project_per_head(x, ln, w_in[slots], b_in[slots]))
             q, k, v = qkv.reshape(3, H, b, p, dh).unbind(0)  # [H, b, p, dh]
@@ -198,12 +201,14 @@ class LeanGPT2:
             x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
             if x is not None:
                 x = F.layer_norm(x, (d,), *ln).view(H, b * p, d)
-                qkv = torch.baddbmm(torch.cat([bq, bk, bv], dim=2), x,
-                                    torch.cat([wq, wk, wv], dim=1).transpose(1, 2))
+                # per head: its Q, K and V rows side by side, [H, d, 3 * dh]
+                w_head = w_qkv.view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d).transpose(1, 2)
+                b_head = b_qkv.view(3, H, 1, dh).permute(1, 2, 0, 3).reshape(H, 1, 3 * dh)
+                qkv = torch.baddbmm(b_head, x, w_head)
                 q, k, v = qkv.view(H, b, p, 3, dh).permute(3, 0, 1, 2, 4).unbind(0)
             else:
                 x = F.layer_norm(resid, (d,), *ln)
-                qkv = F.linear(x, torch.cat([wq, wk, wv]).view(3 * d, d), torch.cat([bq, bk, bv]).view(3 * d))
+                qkv = F.linear(x, w_qkv, b_qkv)
                 seen = getattr(visitor, "plain_qkv", None)  # funcpatch.zero_grads: gradients per head slot
                 if seen is not None:
                     qkv = seen(i, qkv.view(b, p, 3 * H, dh).permute(2, 0, 1, 3))  # [3H, b, p, dh]

@@ -131,7 +131,7 @@ def _head_scores(pm, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, diff: 
     H, dh = pm.lean.n_heads, pm.lean.d_head
     _, b, p, _ = grad_qkv.shape
     d = x.shape[-1]
-    weight = torch.cat([w[f"{block}.{n}.w"].view(H, dh, d) for n in "qkv"]) * w[f"{block}.ln1.w"]  # [3H, dh, d]
+    weight = pm.lean.qkv_weights(w, block)[0].view(3 * H, dh, d) * w[f"{block}.ln1.w"]  # [3H, dh, d]
     G = grad_qkv.reshape(3 * H, b * p, dh)
     if not split:  # a head's slot feeds its Q, K and V: one product over the joined inner dims
         G = G.view(3, H, b * p, dh).permute(1, 2, 0, 3).reshape(H, b * p, 3 * dh)
