@@ -437,8 +437,7 @@ def main():
             out = {}
 
             def t_fp_eap():
-                t = C.timed_warm(lambda: out.__setitem__("s", eap(pm, dl, progress=False)))
-                return t
+                return C.timed_warm(lambda: out.__setitem__("s", eap(pm, dl, progress=False)))
 
             fns = {"funcpatch": t_fp_eap, "floor": lambda: C.timed_warm(lambda: eap_floor(hf, batches))}
             if peer:
@@ -478,7 +477,6 @@ def main():
         if peer:
             n_peer_edges = peer.call("acdc_init", model=model_f, data=data_f)["n_edges"]
             fns["auto-circuit"] = lambda: peer.time1("acdc", tao_exps=exps, tao_bases=[1], save=True)
-        t_fp_acdc()  # warm-up (funcpatch only: auto-circuit's model is already warm from its init forward)
         med, T = interleave(fns, acdc_reps, warmup=0)
         f = med["funcpatch"]
         pa = med.get("auto-circuit")
