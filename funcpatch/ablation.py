@@ -68,7 +68,7 @@ def as_ablation_type(x: Union[AblationType, str]) -> AblationType:
 
 def _src_outs(pm, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-    if pm.lean is not None:  # only the sources are wanted: unembed one position, not all
+    if pm.forward.takes_logits_to_keep:  # only the sources are wanted: unembed one position, not all
         kwargs["logits_to_keep"] = 1
     with torch.no_grad():
         return record_src_outs(pm, tokens, **kwargs)[1]

@@ -127,9 +127,28 @@ class BridgeBackend(_TransformerLensBackend):
         return None
 
 
+class TransformersBackend(Backend):
+    """A transformers causal LM given directly: no hooks, funcpatch's own forward only
+    (:mod:`funcpatch.decoder`); node names are TransformerLens hook names all the same."""
+
+    name = "transformers"
+
+    def shape(self, model):
+        from funcpatch.arch import read_arch
+        a = read_arch(model)
+        return ModelShape(a.n_layers, a.n_heads, False, a.parallel, a.n_kv_heads)
+
+    def modules(self, model, names):
+        raise MissingHooksError(f"a bare {type(model).__name__} has no hook points; funcpatch runs it with its own "
+                                "forward only (wrap it with fp.models.from_hf for the hook path)")
+
+
 def backend_for(model: nn.Module) -> Backend:
     if isinstance(model, MicroModel):
         return MicroBackend()
+    from funcpatch.arch import transformers_model
+    if transformers_model(model) is model:
+        return TransformersBackend()
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:  # TransformerLens < 3
@@ -143,6 +162,7 @@ def backend_for(model: nn.Module) -> Backend:
     if HookedTransformer and isinstance(model, HookedTransformer):
         return HookedTransformerBackend()
     raise TypeError(
-        f"funcpatch cannot patch a {type(model).__name__}; supported: funcpatch.MicroModel, "
+        f"funcpatch cannot patch a {type(model).__name__}; supported: funcpatch.MicroModel, a transformers "
+        "causal LM (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2/2.5, Qwen3, Gemma-2), "
         "transformer_lens TransformerBridge (wrap a transformers model with fp.models.from_hf), "
         "transformer_lens HookedTransformer (TransformerLens < 4)")

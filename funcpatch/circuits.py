@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from funcpatch.ablation import AblationType, as_ablation_type, enum_member, src_ablations
 from funcpatch.edge_counts import desc_prune_scores, prune_scores_threshold
 from funcpatch.forward import patched_forward, record_src_outs
-from funcpatch.source_major import resumed_patched_forward
 from funcpatch.state import init_state, patch_mode
 
 PruneScores = Dict[str, torch.Tensor]
@@ -100,10 +99,10 @@ def forward_kwargs(batch, which: Literal["clean", "corrupt"]) -> Dict[str, torch
 
 def last_position_kwargs(pm) -> Dict[str, int]:
     """``{"logits_to_keep": 1}`` when a task scores the last position only
-    (``slice_output="last_seq"``) and the model runs funcpatch's own forward
-    (:mod:`funcpatch.lean`): the last block's tail and the unembedding then run at that
-    position alone, with the same scored outputs. ``{}`` otherwise."""
-    return {"logits_to_keep": 1} if pm.lean is not None and pm.slice_output == "last_seq" else {}
+    (``slice_output="last_seq"``) and the forward takes it (``pm.forward``): the last
+    block's tail and the unembedding then run at that position alone, with the same
+    scored outputs. ``{}`` otherwise."""
+    return {"logits_to_keep": 1} if pm.forward.takes_logits_to_keep and pm.slice_output == "last_seq" else {}
 
 
 def resolve_clean_corrupt(ablation_type: AblationType, clean_corrupt: Optional[str]) -> Optional[str]:
@@ -217,22 +216,14 @@ def stacked_patched_forward(pm, state, tokens: torch.Tensor, kwargs, repeats: in
     """:func:`patched_forward` of ``repeats`` circuits side by side along the batch: the
     inputs ``tokens`` (and tensor ``kwargs``) are tiled ``repeats`` times, ``state.masks``
     hold one row per stacked row and ``state.patch_src_outs`` is the untiled batch's.
-
-    On lean forwards (:mod:`funcpatch.lean`) the patch values serve every copy untiled,
-    and ``resume=(point, resid, src_outs)`` (a clean checkpoint of the untiled batch,
-    :func:`funcpatch.source_major.record_checkpoints`) starts there; elsewhere the patch
-    values are tiled and the whole forward runs.
+    ``resume=(point, resid, src_outs)`` (a clean checkpoint of the untiled batch,
+    ``pm.forward.checkpoints``) starts there (:meth:`funcpatch.forward.PatchForward.resumed`).
     """
     tokens = tile(tokens, repeats)
     kwargs = {k: tile(v, repeats) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     point, resid, src_outs = resume or ((0, 0), None, None)
-    out = resumed_patched_forward(pm, state, point, None if resid is None else tile(resid, repeats), src_outs,
-                                  tokens, repeats=repeats, **kwargs)
-    if out is None:
-        patch = state.patch_src_outs
-        tiled = dataclasses.replace(state, patch_src_outs=patch if patch.shape[1] == 1 else tile(patch, repeats, 1))
-        out = patched_forward(pm, tiled, tokens, **kwargs)
-    return out
+    return pm.forward.resumed(pm, state, point, None if resid is None else tile(resid, repeats), src_outs,
+                              (tokens,), kwargs, repeats)
 
 
 # Stacked circuits per forward (run_circuits(vmap_sizes=True), vmap_chunk_size=None): as

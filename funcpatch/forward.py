@@ -1,4 +1,5 @@
-"""The pure patched forward pass.
+"""The pure patched forward pass, and the one interface every way of running a model
+implements.
 
 During one call each source's output is recorded, and each destination's input
 becomes ``input + sum_src mask[..., src] * (patch_src_outs[src] - src_out[src])`` over
@@ -6,149 +7,64 @@ its incoming sources, where ``src_out`` is the source's output *in this same for
 The mask-weighted sum is one matrix product over the differences, shared by the
 destinations that read the same sources (a layer's Q, K and V inputs).
 
-Two ways to run a model: through hooks on its modules (any supported model; the
-visitors below, activations in TransformerLens layout), or through funcpatch's own
-forward where the model has one (:mod:`funcpatch.lean`, visitors in
-:mod:`funcpatch.source_major`). Both give the same outputs (tests/test_lean.py).
+Two implementations of :class:`PatchForward`, chosen once by ``fp.patchable``:
+funcpatch's own forward (:mod:`funcpatch.own_forward`, over :mod:`funcpatch.decoder`) for
+the decoder families it covers, and hooks on the model's modules
+(:mod:`funcpatch.hook_forward`) for everything else. Algorithms call ``pm.forward`` and
+never ask which one it is; both give the same outputs (tests/test_lean.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
-from funcpatch.deltas import check_patch_shape, group_mask, recorded
-from funcpatch.graph import DestModule, SrcModule
-from funcpatch.runtime import Visitor, activated, serialized, visiting
-from funcpatch.source_major import SrcMajorPatcher, SrcMajorRecorder
 from funcpatch.state import PatchState
 
-
-def _src_out(src: SrcModule, output: torch.Tensor) -> torch.Tensor:
-    """Source module output -> ``[n_srcs_here, batch, seq, ...]``."""
-    return output.unsqueeze(0) if src.head_dim is None else output.movedim(src.head_dim, 0)
+Checkpoints = Dict[Tuple[int, int], Tuple[torch.Tensor, int]]
 
 
-@dataclass
-class _Role:
-    name: str
-    dest: Optional[DestModule] = None
-    src: Optional[SrcModule] = None
+class PatchForward(Protocol):
+    """How a :class:`funcpatch.PatchableModel` runs its model (``pm.forward``).
 
-
-class Recorder(Visitor):
-    """Records every source's output (a plain forward)."""
-
-    def __init__(self, pm, modules: Mapping[str, nn.Module]):
-        self.pm = pm
-        self.roles: Dict[nn.Module, _Role] = {m: _Role(n) for n, m in modules.items()}
-        for s in pm.graph.src_modules:
-            self.roles[modules[s.module_name]].src = s
-        for d in pm.graph.dest_modules:
-            self.roles[modules[d.module_name]].dest = d
-        self.outs: Dict[str, torch.Tensor] = {}
-
-    def visit(self, role, output):
-        src = role.src
-        if src is not None:
-            self.outs[src.module_name] = _src_out(src, output)
-        return output
-
-    def stacked(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
-        """Recorded outputs of sources with src_idx in [lo, hi): ``[n, batch, seq, d]``."""
-        hi = len(self.pm.graph.srcs) if hi is None else hi
-        parts = recorded(self.pm, self.outs, lo, hi, "the end of the forward")
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-class Patcher(Recorder):
-    """Records sources and patches destinations according to a :class:`PatchState`.
-
-    Layout: activations are ``[batch, pos, heads?, d]``. When a source fires, its
-    difference ``patch - out`` is kept as a chunk ``[batch, pos, k, d]``. When the
-    first of the destinations that share a set of incoming sources fires (a layer's
-    Q, K and V), one matrix product over the joined chunks gives all their deltas at
-    once, ``[batch, pos, heads_total, d]``, already in activation layout (measured:
-    ~1.8x faster than an einsum per destination over ``[src, batch, pos, d]``).
+    ``args``/``kwargs`` are the model call's; outputs are what ``pm.model`` returns for
+    them (logits ``[batch, pos, vocab]`` for language models).
     """
 
-    def __init__(self, pm, modules, state: PatchState):
-        super().__init__(pm, modules)
-        self.state = state
-        self.patch = state.patch_src_outs.movedim(0, 2)  # [batch, pos, n_srcs, d]
-        self.diffs: Dict[str, torch.Tensor] = {}
-        self.deltas: Dict[str, torch.Tensor] = {}
-        self.carried: Dict[str, torch.Tensor] = {}
+    takes_logits_to_keep: bool  # calls accept ``logits_to_keep=k`` (outputs: the last k positions)
 
-    def visit(self, role, output):
-        carried = self.carried.pop(role.name, None)
-        if carried is not None:
-            output = output + carried
-        dest = role.dest
-        if dest is not None and dest.in_srcs[1] > dest.in_srcs[0]:
-            if dest.module_name not in self.deltas:
-                self.compute_deltas(dest)
-            delta = self.deltas.pop(dest.module_name).to(output.dtype)
-            output = output + delta
-            # Where the hook only observes the residual (a bridge's resid_mid is the
-            # second norm's input), the change must also reach the residual downstream.
-            to = self.pm.backend.carry_to(role.name)
-            if to is not None:
-                self.carried[to] = delta
-        src = role.src
-        if src is not None:
-            chunk = output if src.head_dim is not None else output.unsqueeze(2)
-            patch = self.patch[:, :, src.srcs[0]:src.srcs[1]]
-            check_patch_shape(patch.movedim(2, 0), chunk.movedim(2, 0), src.module_name)
-            # rsub keeps the (contiguous) activation layout, so joining chunks is a cheap copy
-            self.diffs[src.module_name] = torch.rsub(chunk, patch)
-        return output
+    def plain(self, pm, args, kwargs):
+        """The unpatched forward."""
 
-    def compute_deltas(self, dest: DestModule) -> None:
-        group = [d for d in self.pm.graph.dest_modules if d.in_srcs == dest.in_srcs and d.module_name not in self.deltas]
-        mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
-        chunks = recorded(self.pm, self.diffs, *dest.in_srcs, dest.module_name)
-        diff = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]  # [batch, pos, n_in, d]
-        total = torch.matmul(mask, diff)  # [batch, pos, heads_total, d]
-        start = 0
-        for d in group:
-            n = d.n_heads or 1
-            piece = total[:, :, start:start + n]
-            self.deltas[d.module_name] = piece if d.n_heads is not None else piece.squeeze(2)
-            start += n
+    def patched(self, pm, state: PatchState, args, kwargs, params: Optional[Mapping[str, torch.Tensor]] = None):
+        """The forward with edges patched as ``state`` says (see the module docstring)."""
+
+    def record(self, pm, args, kwargs, params: Optional[Mapping[str, torch.Tensor]] = None):
+        """``(out, src_outs [n_srcs, batch, pos, d])``: a plain forward and every source's output."""
+
+    def checkpoints(self, pm, args, kwargs) -> Tuple[object, torch.Tensor, Checkpoints]:
+        """``(out, src_outs, {point: (resid, n sources before)})``: a plain forward and the
+        points :meth:`resumed` can start from (``(block, 0)`` entering a block, ``(block, 1)``
+        entering its MLP, ``(n_layers, 0)`` after the last block); possibly none."""
+
+    def resumed(self, pm, state: PatchState, point: Tuple[int, int], resid: Optional[torch.Tensor],
+                src_outs: Optional[torch.Tensor], args, kwargs, repeats: int = 1):
+        """:meth:`patched` from ``point`` on (a key of :meth:`checkpoints`, or ``(0, 0)``).
+
+        Exact when no destination before ``point`` is patched and ``resid``/``src_outs``
+        come from :meth:`checkpoints` on the same inputs. With ``repeats`` the inputs (and
+        ``resid``) are ``repeats`` stacked copies of the batch ``state.patch_src_outs`` and
+        ``src_outs`` were computed on (circuits stacked along the batch)."""
+
+    def zero_mask_grads(self, pm, state: PatchState, tokens: torch.Tensor, kwargs,
+                        loss: Callable[[object], torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        """``dL/dmasks`` at masks = 0 from one plain forward/backward, or None where this
+        forward has no such shortcut (then ``torch.func.grad`` of :meth:`patched` serves)."""
 
 
-def _run(pm, hook_visitor, lean_visitor, args, kwargs, params):
-    run = None if pm.lean is None else pm.lean.bind(args, kwargs, params)
-    if run is not None:  # funcpatch's own forward (funcpatch.lean): no hooks, nothing shared
-        visitor = lean_visitor()
-        return run(visitor), visitor
-    with activated(pm) as modules, serialized(pm):
-        visitor = hook_visitor(modules)
-        with visiting(visitor):
-            if params is None:
-                out = pm.model(*args, **kwargs)
-            else:
-                out = functional_call(pm.model, params, args, kwargs, strict=False)
-    return out, visitor
-
-
-def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, torch.Tensor]] = None,
-                    **kwargs):
-    """Run ``pm.model(*args, **kwargs)`` with the edges patched as ``state`` says.
-
-    Pure: the output depends only on the arguments, and the model is left exactly as
-    it was (also when the call raises). With ``params`` (name -> tensor, any subset of
-    the model's parameters and buffers) the model runs through
-    ``torch.func.functional_call`` with those values, so gradients w.r.t. weights flow.
-    Composes with ``torch.func.vmap``/``grad``/``jvp``/``jacrev``.
-
-    Returns the model's full output (apply ``pm.out_slice`` to score a task).
-    """
+def check_state(pm, state: PatchState) -> None:
+    """Clear errors for a state that does not fit ``pm``'s graph."""
     if not isinstance(state, PatchState):
         raise TypeError(f"state must be a funcpatch.PatchState (fp.init_state), got {type(state).__name__}")
     if state.patch_src_outs is None:
@@ -167,12 +83,24 @@ def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, 
     if state.patch_src_outs.shape[0] != len(pm.graph.srcs):
         raise ValueError(f"patch_src_outs has {state.patch_src_outs.shape[0]} sources, the graph has "
                          f"{len(pm.graph.srcs)}")
-    out, _ = _run(pm, lambda modules: Patcher(pm, modules, state), lambda: SrcMajorPatcher(pm, state), args, kwargs,
-                  params)
-    return out
+
+
+def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, torch.Tensor]] = None,
+                    **kwargs):
+    """Run ``pm.model(*args, **kwargs)`` with the edges patched as ``state`` says.
+
+    Pure: the output depends only on the arguments, and the model is left exactly as
+    it was (also when the call raises). With ``params`` (name -> tensor, any subset of
+    the model's parameters and buffers) the model runs with those values, so gradients
+    w.r.t. weights flow. Composes with ``torch.func.vmap``/``grad``/``jvp``/``jacrev``.
+
+    Returns the model's full output (apply ``pm.out_slice`` to score a task); for a
+    transformers model given directly to ``fp.patchable``, the logits ``[batch, pos, vocab]``.
+    """
+    check_state(pm, state)
+    return pm.forward.patched(pm, state, args, kwargs, params)
 
 
 def record_src_outs(pm, *args, params=None, **kwargs) -> Tuple[object, torch.Tensor]:
     """A plain forward that also returns every source's output ``[n_srcs, batch, seq, d]``."""
-    out, rec = _run(pm, lambda modules: Recorder(pm, modules), lambda: SrcMajorRecorder(pm), args, kwargs, params)
-    return out, rec.stacked()
+    return pm.forward.record(pm, args, kwargs, params)

@@ -208,14 +208,29 @@ def build_graph(srcs: Sequence[SrcNode], dests: Sequence[DestNode], factorized: 
 
 
 def transformer_nodes(n_layers: int, n_heads: int, *, factorized: bool, separate_qkv: bool = True,
-                      attn_only: bool = False, parallel_attn_mlp: bool = False):
+                      attn_only: bool = False, parallel_attn_mlp: bool = False, n_kv_heads: Optional[int] = None,
+                      grouped_kv: bool = False):
     """Sources and destinations of a transformer, named with TransformerLens hook names.
 
     Returns ``(srcs, dests)``. Module names are HookedTransformer hook points
     (``blocks.{i}.attn.hook_result`` ``[batch, pos, head, d_model]``, ...).
+
+    Grouped-query attention (``n_kv_heads < n_heads``): by default every query head has
+    its own K and V destinations ``A{l}.{h}.K/V`` (each reads its own copy of its group's
+    input: the graph of MIB, EAP-IG and auto-circuit on ungrouped models); with
+    ``grouped_kv`` there is one K and one V destination per key/value head,
+    ``A{l}.kv{g}.K/V``.
     """
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} key/value heads evenly")
+    if n_kv_heads != n_heads and not (factorized and separate_qkv):
+        raise ValueError(f"grouped-query attention ({n_heads} query heads, {n_kv_heads} key/value heads) needs "
+                         "factorized=True and separate_qkv=True: a head's single input would feed a key/value "
+                         "head that other query heads share")
     if factorized:
-        return _factorized_transformer(n_layers, n_heads, separate_qkv, attn_only, parallel_attn_mlp)
+        return _factorized_transformer(n_layers, n_heads, separate_qkv, attn_only, parallel_attn_mlp,
+                                       n_kv_heads if grouped_kv else None)
     if parallel_attn_mlp:
         raise ValueError("the residual (factorized=False) graph needs sequential attention and MLP; "
                          "this model has parallel attention/MLP blocks: use factorized=True")
@@ -227,7 +242,7 @@ def _head_src(block: int, head: int, layer: int, idx: int) -> SrcNode:
                    head_idx=head, head_dim=2, weight=f"blocks.{block}.attn.W_O", weight_head_dim=0)
 
 
-def _factorized_transformer(n_layers, n_heads, separate_qkv, attn_only, parallel):
+def _factorized_transformer(n_layers, n_heads, separate_qkv, attn_only, parallel, kv_groups=None):
     layers, idxs = count(), count()
     srcs = [SrcNode("Resid Start", "blocks.0.hook_resid_pre", next(layers), next(idxs), weight="embed.W_E")]
     for b in range(n_layers):
@@ -240,7 +255,13 @@ def _factorized_transformer(n_layers, n_heads, separate_qkv, attn_only, parallel
     dests = []
     for b in range(n_layers):
         layer = next(layers)
-        for h in range(n_heads):
+        if kv_groups is not None:  # one K and one V per key/value head
+            for x in "QKV":
+                heads = [(h, f"A{b}.{h}.{x}") for h in range(n_heads)] if x == "Q" else \
+                    [(g, f"A{b}.kv{g}.{x}") for g in range(kv_groups)]
+                dests += [DestNode(name, f"blocks.{b}.hook_{x.lower()}_input", layer, head_idx=h, head_dim=2,
+                                   weight=f"blocks.{b}.attn.W_{x}", weight_head_dim=0) for h, name in heads]
+        for h in range(n_heads if kv_groups is None else 0):
             if separate_qkv:
                 dests += [DestNode(f"A{b}.{h}.{x}", f"blocks.{b}.hook_{x.lower()}_input", layer, head_idx=h,
                                    head_dim=2, weight=f"blocks.{b}.attn.W_{x}", weight_head_dim=0)

@@ -1,6 +1,6 @@
 """Patching and recording for forwards that hand over activations by name in
-source-major layout (funcpatch's own forward, :mod:`funcpatch.lean`), and resuming such a
-forward from a checkpoint of a clean one (ACDC's candidates)."""
+source-major layout (funcpatch's own forward, :mod:`funcpatch.decoder`), including the
+checkpoints such a forward can resume from (ACDC's candidates)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from funcpatch.state import PatchState
 
 
 class SrcMajorRecorder:
-    """Records sources for a forward that hands over activations by name (:mod:`funcpatch.lean`).
+    """Records sources for a forward that hands over activations by name (:mod:`funcpatch.decoder`).
 
     The protocol, in source-major layout:
 
@@ -72,6 +72,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.buffer: Optional[torch.Tensor] = None
         self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
+        self.post: Dict[str, Tuple[torch.Tensor, object]] = {}  # post-normalized heads: (their sum, the norm)
         if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
             for s in pm.graph.src_modules:
                 if s.srcs[1] <= before.shape[0]:
@@ -90,6 +91,31 @@ class SrcMajorPatcher(SrcMajorRecorder):
             if out.shape[1] % self.repeats:
                 raise ValueError(f"batch of {out.shape[1]} rows is not {self.repeats} repeats of the patch values' batch")
             self._write(src, out.unflatten(1, (self.repeats, -1)))
+
+    def post_norm(self, name: str, summed: torch.Tensor, norm) -> None:
+        """Source ``name``'s heads are normalized after they are summed (Gemma-2): a
+        destination receives ``norm(summed + sum_h m_h diff_h) - norm(summed)``."""
+        if name in self.src_modules:
+            self.post[name] = (summed, norm)
+
+    def _post_normed(self, lo: int, hi: int, mask: torch.Tensor):
+        """Split off the post-normalized sources among ``[lo, hi)``: ``(mask with their
+        columns 0, their change to the inputs [heads_total, batch, pos, d] or None)``."""
+        change = None
+        for name, (summed, norm) in self.post.items():
+            s0, s1 = self.src_modules[name].srcs
+            if not (lo <= s0 and s1 <= hi):
+                continue
+            cols = mask[..., s0 - lo:s1 - lo]  # [batch | 1, pos | 1, heads_total, k]
+            diff = self.diffs[name]
+            diff = self._positions(diff.flatten(1, 2) if diff.dim() == 5 else diff)  # [k, batch, pos, d]
+            b, p = diff.shape[1:3]
+            delta = torch.einsum("bphk,kbpd->hbpd", cols.expand(b, p, *cols.shape[2:]), diff)
+            summed = self._positions(summed, 1)
+            term = norm(summed + delta) - norm(summed)
+            change = term if change is None else change + term
+            mask = torch.cat([mask[..., :s0 - lo], torch.zeros_like(cols), mask[..., s1 - lo:]], dim=-1)
+        return mask, change
 
     def _write(self, src, out: torch.Tensor) -> None:
         """``patch - out`` for one source module; ``out [k, repeats, batch, pos, d]``."""
@@ -133,6 +159,15 @@ class SrcMajorPatcher(SrcMajorRecorder):
         return slots, self._inputs(group, mask, x)
 
     def _inputs(self, group, mask, x):
+        lo, hi = group[0].in_srcs
+        if self.post:
+            mask, change = self._post_normed(lo, hi, mask)
+            if change is not None:
+                return self._mixed(group, mask, x) + change
+        return self._mixed(group, mask, x)
+
+    def _mixed(self, group, mask, x):
+        """The inputs from the additive sources: ``x + mask @ diffs`` (see the class docstring)."""
         lo, hi = group[0].in_srcs
         chunks = recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
         if self.in_place:
@@ -188,36 +223,3 @@ class CheckpointRecorder(SrcMajorRecorder):
 
     def checkpoint(self, point: Tuple[int, int], resid: torch.Tensor) -> None:
         self.checkpoints[point] = (resid, sum(o.shape[0] for o in self.outs.values()))
-
-
-def record_checkpoints(pm, *args, **kwargs):
-    """A plain forward of a model with a lean forward (:mod:`funcpatch.lean`) that returns
-    ``(out, src_outs [n_srcs, batch, pos, d], {point: (resid there, n sources before)})``
-    with points ``(block, 0)`` (entering the block), ``(block, 1)`` (entering its MLP) and
-    ``(n_layers, 0)``: what :func:`resumed_patched_forward` starts from. None without one."""
-    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None)
-    if run is None:
-        return None
-    rec = CheckpointRecorder(pm)
-    out = run(rec)
-    return out, rec.stacked(), rec.checkpoints
-
-
-def resumed_patched_forward(pm, state: PatchState, point: Tuple[int, int], resid: Optional[torch.Tensor],
-                            src_outs: Optional[torch.Tensor], *args, repeats: int = 1, **kwargs):
-    """:func:`patched_forward` started at ``point`` (see :func:`record_checkpoints`; lean
-    forwards only).
-
-    Exact when no destination before ``point`` is patched (their masks are 0) and
-    ``resid``/``src_outs`` come from an unpatched forward on the same inputs
-    (:func:`record_checkpoints`): the residual at that point and the outputs
-    ``[n_before, batch, pos, d]`` of the sources before it (at ``(0, 0)`` both may be
-    None: the whole forward). Returns None when the model or the call has no lean
-    forward (then run :func:`patched_forward`).
-
-    With ``repeats`` the inputs (and ``resid``) are ``repeats`` stacked copies of the
-    batch that ``state.patch_src_outs`` and ``src_outs`` were computed on, which are
-    then used for every copy without being tiled (ACDC evaluates many circuits at once).
-    """
-    run = None if pm.lean is None else pm.lean.bind(args, kwargs, None, resume=(point, resid))
-    return None if run is None else run(SrcMajorPatcher(pm, state, before=src_outs, repeats=repeats))

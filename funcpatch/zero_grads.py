@@ -1,5 +1,5 @@
 """Gradients of a loss with respect to every edge mask at masks = 0 (EAP), from one plain
-forward and backward of funcpatch's own forward (:mod:`funcpatch.lean`).
+forward and backward of funcpatch's own forward (:mod:`funcpatch.decoder`).
 
 At masks = 0 a destination's input is ``x + sum_s m_s (patch_s - out_s)`` with every
 ``m_s = 0``, so ``dL/dm_s = <g, patch_s - out_s>`` where ``g`` is the gradient of the
@@ -8,14 +8,16 @@ the plain (clean) forward. No per-head copies of the residual are needed to get 
 
 - a module destination (an MLP's input, a residual node) gets a zero tensor added to its
   own input, whose gradient is ``g``;
-- a head's Q/K/V input goes through the shared layer norm and the head's own projection,
-  so a zero tensor added to the projected ``q/k/v`` gives ``dL/dq_h``; then
-  ``g_h = LN'(x)^T (W_h^T dL/dq_h)`` with the layer norm's backward at the shared
-  residual ``x``, the same for every head.
+- a head's Q/K/V input (a slot: with grouped-query attention, each query head's K and V
+  slots project with their group's weights) goes through the shared norm and the slot's
+  own projection, so a zero tensor added to the projected ``q/k/v`` slots gives
+  ``dL/dq_h``; then ``g_h = N'(x)^T (W_h^T dL/dq_h)`` with the norm's backward (layer
+  norm or RMSNorm) at the shared residual ``x``, the same for every slot.
 
 (The patched forward's extra path, through ``out_s`` inside the differences, carries
 ``-m^T g = 0`` at masks = 0, so this is the exact gradient.) Equal to
-``torch.func.grad`` of the patched forward in tests/test_algos_grad.py.
+``torch.func.grad`` of the patched forward in tests/test_algos_grad.py. Not used where
+heads are normalized after they are summed (Gemma-2: their edges are not additive).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class _ZeroInputs(CheckpointRecorder):
         return (x + leaf).unsqueeze(0)
 
     def plain_qkv(self, block: int, qkv: torch.Tensor) -> torch.Tensor:
-        """``qkv [3 * heads, batch, pos, d_head]`` of block ``block``, plus a zero leaf where
+        """``qkv [slots, batch, pos, d_head]`` of block ``block``, plus a zero leaf where
         its head inputs are destinations."""
         if not any(f"blocks.{block}.hook_{x}" in self.dest_modules for x in ("q_input", "attn_in")):
             return qkv
@@ -56,15 +58,16 @@ class _ZeroInputs(CheckpointRecorder):
         return qkv + leaf
 
 
-def zero_mask_grads(pm, state, tokens: torch.Tensor, kwargs, loss: Callable) -> Optional[Dict]:
+def zero_mask_grads(pm, decoder, state, tokens: torch.Tensor, kwargs, loss: Callable) -> Optional[Dict]:
     """``dL/dmasks`` at ``state``, whose masks must be 0 (dest module -> mask-shaped
-    tensor), with ``loss(model output) -> scalar``. None where this does not apply (no
-    lean forward for the model or call, masks not all 0 or transformed, or a torch.func
-    transform active): then take ``torch.func.grad`` of the patched forward."""
-    if (pm.lean is None or torch._C._are_functorch_transforms_active() or state.mask_fn is not None
+    tensor), with ``loss(model output) -> scalar``, on ``decoder``
+    (:class:`funcpatch.decoder.DecoderForward`). None where this does not apply (a call
+    the decoder does not take, post-normalized heads, masks not all 0 or transformed, or
+    a torch.func transform active): then take ``torch.func.grad`` of the patched forward."""
+    if (decoder.arch.post_norms or torch._C._are_functorch_transforms_active() or state.mask_fn is not None
             or state.dropout_p > 0 or any(bool(m.any()) for m in state.masks.values())):
         return None
-    run = pm.lean.bind((tokens,), kwargs, None)
+    run = decoder.bind((tokens,), kwargs, None)
     if run is None:
         return None
     vis = _ZeroInputs(pm)
@@ -75,10 +78,10 @@ def zero_mask_grads(pm, state, tokens: torch.Tensor, kwargs, loss: Callable) -> 
     grads = {k: torch.zeros_like(leaf) if g is None else g
              for k, leaf, g in zip(list(vis.leaves) + [("qkv", b) for b in vis.qkv_leaves], leaves, got)}
     with torch.no_grad():  # the scores are plain numbers (scratch tensors serve the large products)
-        return _scores(pm, vis, grads, state.patch_src_outs, tokens.shape[0])
+        return _scores(pm, decoder, vis, grads, state.patch_src_outs, tokens.shape[0])
 
 
-def _scores(pm, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: int) -> Dict[str, torch.Tensor]:
+def _scores(pm, decoder, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: int) -> Dict[str, torch.Tensor]:
     """Mask-shaped ``<g, patch_s - out_s>`` for every destination module."""
     g = pm.graph
     # every source's difference, once: [n_srcs, batch, pos, d] (sources of a block that ran
@@ -97,11 +100,14 @@ def _scores(pm, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: int) -> Dic
         names = [f"blocks.{block}.hook_{x}_input" for x in "qkv"]
         split = names[0] in vis.dest_modules
         lo, hi = vis.dest_modules[names[0] if split else f"blocks.{block}.hook_attn_in"].in_srcs
-        per_slot = _head_scores(pm, block, grads[("qkv", block)], vis.checkpoints[(block, 0)][0], diff[lo:hi], split)
-        H = pm.lean.n_heads
+        per_slot = _head_scores(pm, decoder, block, grads[("qkv", block)], vis.checkpoints[(block, 0)][0],
+                                diff[lo:hi], split)
         if split:
-            for j, name in enumerate(names):
-                scores[name] = per_slot[..., j * H:(j + 1) * H, :]
+            start = 0
+            for name in names:
+                n = vis.dest_modules[name].n_heads
+                scores[name] = per_slot[..., start:start + n, :]
+                start += n
         else:
             scores[f"blocks.{block}.hook_attn_in"] = per_slot
     return {d.module_name: scores[d.module_name] for d in g.dest_modules}
@@ -116,39 +122,49 @@ def _dot(grad_in: torch.Tensor, diff: torch.Tensor, seq_len) -> torch.Tensor:
     return F.pad(per_pos, (0, 0, 0, 0, seq_len - per_pos.shape[0], 0))
 
 
-def _head_scores(pm, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, diff: torch.Tensor,
+def _head_scores(pm, decoder, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, diff: torch.Tensor,
                  split: bool) -> torch.Tensor:
-    """``<g_h, diff_s>`` for every head slot of ``block`` (Q, K, V of each head when
-    ``split``, else one slot per head), where ``g_h`` is the gradient w.r.t. the slot's
-    own input, from ``grad_qkv [3H, batch, pos, d_head]`` (w.r.t. its projection): back
-    through the slot's weights, then through the layer norm at the shared residual ``x``.
+    """``<g_h, diff_s>`` for every head slot of ``block`` (each Q/K/V slot when ``split``,
+    else one slot per head), where ``g_h`` is the gradient w.r.t. the slot's own input,
+    from ``grad_qkv [slots, batch, pos, d_head]`` (w.r.t. its projection): back through
+    the slot's weights, then through the norm at the shared residual ``x``.
 
-    The layer norm's backward ``g = rstd (y - mean(y) - xhat mean(y xhat))`` (``y``: the
-    gradient at its output times its weight) is applied to the differences' side of the
-    product, per position, so ``g`` itself is never formed.
+    The norm's backward ``g = rstd (y - mean(y) - xhat mean(y xhat))`` (``y``: the
+    gradient at its output times its weight; RMSNorm has no ``mean(y)`` term) is applied
+    to the differences' side of the product, per position, so ``g`` itself is never formed.
     """
-    w = pm.lean.weights()
-    H, dh = pm.lean.n_heads, pm.lean.d_head
+    w = decoder.weights()
+    H, dh = decoder.n_heads, decoder.d_head
     _, b, p, _ = grad_qkv.shape
     d = x.shape[-1]
-    weight = pm.lean.qkv_weights(w, block)[0].view(3 * H, dh, d) * w[f"{block}.ln1.w"]  # [3H, dh, d]
-    G = grad_qkv.reshape(3 * H, b * p, dh)
-    if not split:  # a head's slot feeds its Q, K and V: one product over the joined inner dims
-        G = G.view(3, H, b * p, dh).permute(1, 2, 0, 3).reshape(H, b * p, 3 * dh)
-        weight = weight.view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d)
-    centred = x - x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(centred.pow(2).mean(-1) + pm.lean.eps).reshape(b * p)
-    xhat = centred.reshape(b * p, d) * rstd[:, None]
-    G = G * rstd[:, None]  # the layer norm's 1/std, per position, taken on the small side
-    # [slots, b*p, d]: gradient at the layer norm's output, times its weight and 1/std
+    centred = decoder.arch.norm == "layer"
+    norm_w = w[f"{block}.ln1.w"]
+    if decoder.arch.norm == "rms_offset":
+        norm_w = 1.0 + norm_w
+    if split:
+        weight = decoder.slot_weights(w, block)[0] * norm_w  # [slots, dh, d]
+        G = grad_qkv.reshape(grad_qkv.shape[0], b * p, dh)
+    else:  # a head's slot feeds its Q, K and V: one product over the joined inner dims
+        weight = decoder.qkv_rows(w, block)[0].view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d) * norm_w
+        G = grad_qkv.reshape(3, H, b * p, dh).permute(1, 2, 0, 3).reshape(H, b * p, 3 * dh)
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + decoder.eps).reshape(b * p)
+    xhat = x.reshape(b * p, d) * rstd[:, None]
+    G = G * rstd[:, None]  # the norm's 1/std, per position, taken on the small side
+    # [slots, b*p, d]: gradient at the norm's output, times its weight and 1/std
     y = torch.bmm(G, weight, out=scratch("eap head grads", (G.shape[0], b * p, d), G))
-    y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0] / d  # [slots, b*p]: mean_d y
     y_xhat = (G * torch.matmul(xhat, weight.transpose(1, 2))).sum(-1) / d  # [slots, b*p]: mean_d y * xhat
     diff = diff.reshape(diff.shape[0], b * p, d)
-    d_sum = diff.sum(-1)  # [n_in, b*p]
     d_xhat = torch.mul(diff, xhat, out=scratch("eap diff xhat", diff.shape, diff)).sum(-1)
+    if centred:
+        y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0] / d  # [slots, b*p]: mean_d y
+        d_sum = diff.sum(-1)  # [n_in, b*p]
     if pm.graph.seq_len is None:
-        return y.flatten(1) @ diff.flatten(1).T - y_sum @ d_sum.T - y_xhat @ d_xhat.T
-    return (torch.einsum("hbpd,nbpd->phn", y.view(-1, b, p, d), diff.view(-1, b, p, d))
-            - torch.einsum("hbp,nbp->phn", y_sum.view(-1, b, p), d_sum.view(-1, b, p))
-            - torch.einsum("hbp,nbp->phn", y_xhat.view(-1, b, p), d_xhat.view(-1, b, p)))
+        out = y.flatten(1) @ diff.flatten(1).T - y_xhat @ d_xhat.T
+        return out - y_sum @ d_sum.T if centred else out
+    out = (torch.einsum("hbpd,nbpd->phn", y.view(-1, b, p, d), diff.view(-1, b, p, d))
+           - torch.einsum("hbp,nbp->phn", y_xhat.view(-1, b, p), d_xhat.view(-1, b, p)))
+    if centred:
+        out = out - torch.einsum("hbp,nbp->phn", y_sum.view(-1, b, p), d_sum.view(-1, b, p))
+    return out

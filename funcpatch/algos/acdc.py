@@ -79,7 +79,6 @@ from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
                                 progress_bar, resolve_clean_corrupt, stacked_patched_forward)
 from funcpatch.forward import patched_forward
-from funcpatch.source_major import record_checkpoints
 from funcpatch.graph import Edge
 from funcpatch.patchable import PatchableModel
 from funcpatch.runtime import activated
@@ -142,27 +141,6 @@ def acdc_edge_order(pm: PatchableModel) -> Tuple[Edge, ...]:
 # Evaluating many circuits in one forward
 
 
-def lean_output_kwargs(pm, tokens, kwargs, full_out) -> Dict[str, int]:
-    """``{"logits_to_keep": 1}`` when the model accepts it and ``pm.out_slice`` only reads
-    the last position (transformers causal LMs through a TransformerBridge): the
-    unembedding then runs on the last position only. Probed on ``tokens`` and kept only
-    if the last-position output is unchanged; ``{}`` otherwise.
-    """
-    if pm.slice_output != "last_seq" or not pm.is_transformer:
-        return {}
-    if pm.lean is not None:  # funcpatch's own forward takes it (tests/test_lean.py)
-        return last_position_kwargs(pm)
-    try:
-        with torch.no_grad():
-            out = pm.model(tokens, logits_to_keep=1, **kwargs)
-    except Exception:  # the model does not take the argument: run it as it is
-        return {}
-    if (not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[1] != 1
-            or out[pm.out_slice].shape != full_out.shape or not torch.allclose(out[pm.out_slice], full_out)):
-        return {}
-    return {"logits_to_keep": 1}
-
-
 class _Evaluator:
     """Faithfulness of circuits given as boolean "removed" vectors over ``pm.graph.edges``.
 
@@ -189,8 +167,8 @@ class _Evaluator:
         # Resuming: with a lean forward, a circuit whose removed edges all lie at or after a
         # checkpoint (a block's attention or MLP, or the end) runs exactly as the clean
         # forward before it, so its forward starts there.
-        rec = record_checkpoints(pm, tokens, **kwargs, **lean_kwargs) if g.factorized else None
-        self.checkpoints = None if rec is None else rec[2]
+        rec = pm.forward.checkpoints(pm, (tokens,), {**kwargs, **lean_kwargs}) if g.factorized else None
+        self.checkpoints = rec[2] if rec is not None and rec[2] else None
         if self.checkpoints is not None:
             self.src_outs = rec[1]
             # checkpoint index 2 * block + stage of each edge's destination; the last entry: none removed
@@ -369,8 +347,7 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
         per_row = max(1, patch[:, :1].numel())
         max_batch_rows = max(tokens.shape[0], _ROW_BUDGET // per_row)
     rows = max_batch_rows
-    ev = _Evaluator(pm, tokens, kwargs, patch, clean_out, faithfulness_target, rows,
-                    lean_output_kwargs(pm, tokens, kwargs, clean_out))
+    ev = _Evaluator(pm, tokens, kwargs, patch, clean_out, faithfulness_target, rows, last_position_kwargs(pm))
     edges = pm.graph.edges
     position = {e: i for i, e in enumerate(edges)}
     order = [position[e] for e in acdc_edge_order(pm)]

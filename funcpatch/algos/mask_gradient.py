@@ -34,7 +34,6 @@ from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forwa
                                 materialize_batches, progress_bar, resolve_clean_corrupt)
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.state import PatchState, edge_masks, init_state
-from funcpatch.zero_grads import zero_mask_grads
 
 PruneScores = Dict[str, torch.Tensor]
 
@@ -156,9 +155,9 @@ def _masks_grad(pm, base: PatchState, patch: torch.Tensor, tokens, kwargs, answe
         return run(masks, patch) - run(masks2, patch2)
 
     if patch2 is None:  # at masks = 0 (EAP): from one plain forward/backward where the model allows
-        fast = zero_mask_grads(pm, dataclasses.replace(base, patch_src_outs=patch), tokens,
-                               {**kwargs, **last_position_kwargs(pm)},
-                               lambda out: loss_fn(out[pm.out_slice], answers, wrong))
+        fast = pm.forward.zero_mask_grads(pm, dataclasses.replace(base, patch_src_outs=patch), tokens,
+                                          {**kwargs, **last_position_kwargs(pm)},
+                                          lambda out: loss_fn(out[pm.out_slice], answers, wrong))
         if fast is not None:
             return fast
     return grad(loss)(base.masks)

@@ -43,8 +43,8 @@ from typing import Dict, List, Literal, Optional, Sequence, Union
 import torch
 
 from funcpatch.ablation import AblationType, as_ablation_type
-from funcpatch.algos.acdc import lean_output_kwargs
-from funcpatch.circuits import batch_patch_values, forward_kwargs, materialize_batches, progress_bar
+from funcpatch.circuits import (batch_patch_values, forward_kwargs, last_position_kwargs, materialize_batches,
+                                progress_bar)
 from funcpatch.edge_counts import prune_scores_threshold
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.metrics import (answer_value, correct_answer_percent, kl_divergence, logit_diff,
@@ -262,10 +262,10 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
 
     def clean_logits_of(bs):
         with torch.no_grad():
-            return [pm.model(b.clean, **forward_kwargs(b, "clean"))[pm.out_slice].detach() for b in bs]
+            return [pm(b.clean, **forward_kwargs(b, "clean"))[pm.out_slice].detach() for b in bs]
 
     clean_logits = clean_logits_of(batches)
-    lean = lean_output_kwargs(pm, batches[0].clean, forward_kwargs(batches[0], "clean"), clean_logits[0])
+    lean = last_position_kwargs(pm)
     patches = _patch_values(pm, batches, ablation_type, clean_corrupt, tree)
     if val_batches is not None:
         val_clean = clean_logits_of(val_batches)

@@ -1,0 +1,396 @@
+"""funcpatch's own forward for decoder-only transformers: one computation, driven by the
+architecture description of :mod:`funcpatch.arch` (GPT-2, GPT-NeoX/Pythia, Llama,
+Mistral, Qwen2/2.5, Qwen3, Gemma-2), written over the weights in per-head layout.
+
+Patching needs per-head inputs (Q/K/V) and per-head outputs (each head's contribution to
+the residual). Here they are plain tensor code: one norm over all Q/K/V inputs of a
+layer, one batched matmul for their projections, one for the per-head results. At every
+node hook point the activation goes to the call's visitor by TransformerLens hook name,
+in source-major layout (``[heads, batch, pos, d]``; the visitors that patch and record
+are in :mod:`funcpatch.source_major`). It can also resume from a checkpoint of a clean
+forward and compute only the last positions of the last block (ACDC uses both).
+
+Grouped-query attention: Q/K/V destinations come in *slots*. The per-query-head graph
+(the default, MIB's) has ``3 * n_heads`` slots per layer: query head ``h``'s K and V slots
+hold its own copy of the input, projected with its group's shared weights. The grouped
+graph (``grouped_kv=True``) has ``n_heads + 2 * n_kv_heads`` slots: one K and one V per
+key/value head. Unpatched, both compute exactly the model's grouped attention.
+
+Gemma-2 normalizes the *sum* of a layer's head outputs (its post-attention norm), so a
+head's contribution is not additive. Here a head's edge is defined as EAP-IG's
+evaluation defines it: a destination receives the change in the layer's normalized
+output, ``post_norm(S + sum_h m_h (patch_h - out_h)) - post_norm(S)`` with ``S`` the
+layer's pre-norm sum in this forward (heads' outputs are recorded before the norm).
+This departs from DESIGN.md's additive rule for those sources only; with every edge
+patched it still gives the patched run exactly.
+
+Used when the model is a transformers causal LM of a supported family, or its
+``TransformerBridge`` (not in compatibility mode), in eval mode, and the call is one
+this module understands (token ids, optional ``attention_mask``, ``position_ids``,
+``logits_to_keep``, ``return_type="logits"``). ``fp.patchable(model, lean=False)``
+forces the bridge's hooks. Equality with transformers' forward and with the hook path
+(outputs and gradients, all graph kinds) is tested in ``tests/test_lean.py`` and
+``tests/test_architectures.py``.
+
+Pure: weights are looked up per call, from ``params`` where given (the model's parameter
+and buffer names, aliases included) and from the model otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from funcpatch.arch import DecoderArch, read_arch, resolve, weight_refs
+
+
+class DecoderForward:
+    """The per-head forward of one model (see the module docstring).
+
+    ``bind(args, kwargs, params)`` checks a call and returns ``run(visitor) -> logits``;
+    see :meth:`forward` for what the visitor sees.
+    """
+
+    def __init__(self, model: nn.Module, grouped_kv: bool = False, arch: Optional[DecoderArch] = None):
+        self.model = model
+        self.arch = a = arch or read_arch(model)
+        self.refs, acts, self.rotary = weight_refs(model, a)
+        self.acts = [_one_kernel(m) for m in acts]
+        self.n_layers, self.n_heads, self.d_head = a.n_layers, a.n_heads, a.d_head
+        self.eps = a.eps
+        self.grouped_kv = grouped_kv
+        # the bridge derives learned positions from padding (GPT-2); transformers counts from 0
+        self.positions_from_mask = getattr(model, "original_model", None) is not None
+        H, G = a.n_heads, a.n_kv_heads
+        kv = torch.arange(G) if grouped_kv else torch.arange(H) // (H // G)
+        # slot -> row of the joined per-head projection [H + 2G, dh, d] (Q heads, K heads, V heads)
+        self.slot_rows = torch.cat([torch.arange(H), H + kv, H + G + kv])
+        self.n_kv_slots = len(kv)
+
+    def weights(self, params: Optional[Mapping[str, torch.Tensor]] = None):
+        """The weights by canonical key (:func:`funcpatch.arch.resolve`)."""
+        return resolve(self.model, self.refs, params)
+
+    def bind(self, args, kwargs, params: Optional[Mapping[str, torch.Tensor]], resume=None):
+        """``run(visitor) -> logits`` for this call, or None when the call is not one this
+        forward reproduces (then the hook path runs, where the model has one)."""
+        if self.model.training or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            return None
+        tokens = args[0]
+        if tokens.dtype not in (torch.long, torch.int) or tokens.dim() != 2:
+            return None
+        kwargs = dict(kwargs)
+        attention_mask = kwargs.pop("attention_mask", None)
+        position_ids = kwargs.pop("position_ids", None)
+        keep = kwargs.pop("logits_to_keep", 0)
+        if kwargs.pop("return_type", "logits") != "logits" or kwargs or not isinstance(keep, int):
+            return None
+        w = self.weights(params)
+        return lambda visitor: self.forward(w, tokens, visitor, attention_mask, keep, resume, position_ids)
+
+    def norm(self, w, key: str, x: torch.Tensor) -> torch.Tensor:
+        """The model's norm ``key`` (``ln1``, ``final``, ...) over the last dim of ``x``."""
+        kind = self.arch.norm
+        if kind == "layer":
+            return F.layer_norm(x, x.shape[-1:], w[key + ".w"], w.get(key + ".b"), self.eps)
+        weight = w[key + ".w"]
+        if kind == "rms_offset":
+            weight = 1.0 + weight.float()
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps).to(x.dtype)
+
+    def forward(self, w: Mapping[str, torch.Tensor], tokens: torch.Tensor, visitor,
+                attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
+                resume: Optional[Tuple[Tuple[int, int], torch.Tensor]] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]`` (the last ``logits_to_keep`` positions if > 0).
+
+        ``visitor`` sees the nodes in source-major layout: ``visitor.src(hook, out)``
+        with ``out [k, batch, pos, d]`` (k heads, or 1) and ``visitor.dest(hooks, x)``
+        with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
+        returns their patched inputs ``[slots, batch, pos, d]`` or None (unpatched).
+        A visitor with ``checkpoint(point, resid)`` also sees the residual at each point
+        a forward can resume from: ``(i, 0)`` entering block ``i``, ``(i, 1)`` entering
+        its MLP (sequential blocks only), ``(n_layers, 0)`` after the last block.
+        With ``logits_to_keep`` and a visitor whose ``narrow(k)`` returns True, everything
+        after the last block's attention runs on the last ``k`` positions only; the
+        visitor then sees ``pos = k``. A visitor with ``post_norm(hook, summed, norm)``
+        is told, for post-normalized attention (Gemma-2), each layer's pre-norm sum and
+        its norm (see the module docstring).
+
+        ``resume=(point, resid)`` starts at ``point`` from the residual there (the visitor
+        must already hold the sources before it); nothing before it runs.
+        """
+        a = self.arch
+        b, p = tokens.shape
+        (start, stage), resid = resume or ((0, 0), None)
+        pos = self._positions(attention_mask, position_ids, b, p, tokens.device)
+        if resid is None:
+            x = F.embedding(tokens, w["embed"])
+            if a.embed_scale is not None:
+                x = x * torch.tensor(a.embed_scale, dtype=x.dtype)
+            if a.positions == "learned":
+                x = x + F.embedding(pos, w["pos"])
+            resid = _node(visitor, "blocks.0.hook_resid_pre", x)
+        rotary = None
+        if a.positions == "rotary":
+            cos, sin = self.rotary(resid, pos.expand(b, p) if pos.shape[0] != b else pos)
+            rotary = (cos.to(resid.dtype), sin.to(resid.dtype))
+        masks = {}  # window -> the keys each query may see
+        checkpoint = getattr(visitor, "checkpoint", None)
+        for i in range(start, self.n_layers):
+            pre = f"blocks.{i}."
+            tail = logits_to_keep if i == self.n_layers - 1 and 0 < logits_to_keep < p else 0
+            window = a.windows[i]
+            if window not in masks:
+                masks[window] = _allowed(attention_mask, p, window, tokens.device)
+            if a.parallel:
+                if checkpoint is not None:
+                    checkpoint((i, 0), resid)
+                x = visitor.dest([pre + "hook_mlp_in"], resid)  # before the heads' differences fill the buffer
+                mlp_in = resid if x is None else x[0]
+                attn = self._attention(w, i, resid, visitor, masks[window], rotary, tail)
+                if attn.shape[1] < resid.shape[1]:
+                    resid, mlp_in = resid[:, -tail:], mlp_in[:, -tail:]
+                resid = resid + attn + self._mlp(w, i, mlp_in, visitor)
+            else:
+                if i > start or stage == 0:
+                    if checkpoint is not None:
+                        checkpoint((i, 0), resid)
+                    attn = self._attention(w, i, resid, visitor, masks[window], rotary, tail)
+                    if attn.shape[1] < resid.shape[1]:
+                        resid = resid[:, -tail:]
+                    resid = _node(visitor, pre + "hook_resid_mid", resid + attn)
+                elif tail and visitor.narrow(tail):  # resumed at the last block's MLP
+                    resid = resid[:, -tail:]
+                if checkpoint is not None:
+                    checkpoint((i, 1), resid)
+                x = visitor.dest([pre + "hook_mlp_in"], resid)
+                resid = resid + self._mlp(w, i, resid if x is None else x[0], visitor)
+            if checkpoint is not None and i == self.n_layers - 1:
+                checkpoint((self.n_layers, 0), resid)
+            resid = _node(visitor, pre + "hook_resid_post", resid)
+        if start == self.n_layers:  # resumed after the last block: only its output node runs
+            if 0 < logits_to_keep < p and visitor.narrow(logits_to_keep):
+                resid = resid[:, -logits_to_keep:]
+            resid = _node(visitor, f"blocks.{self.n_layers - 1}.hook_resid_post", resid)
+        if logits_to_keep > 0:
+            resid = resid[:, -logits_to_keep:]  # (already so when the visitor narrowed)
+        logits = F.linear(self.norm(w, "final", resid), w["unembed.w"], w.get("unembed.b"))
+        if a.final_softcap is not None:
+            logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
+        return logits
+
+    def _positions(self, attention_mask, position_ids, b: int, p: int, device) -> torch.Tensor:
+        """Position ids ``[batch | 1, p]``: given ones; else ``arange`` (transformers), or as
+        a bridge derives them: in rows where padding precedes a real token, count real
+        tokens only (pads get 0)."""
+        if position_ids is not None:
+            return position_ids.reshape(-1, p)
+        arange = torch.arange(p, device=device)
+        if attention_mask is None or not self.positions_from_mask:
+            return arange.unsqueeze(0)
+        mask = attention_mask.long()
+        derived = (mask.cumsum(-1) - 1).clamp(min=0)
+        needs = ((derived != arange) & (mask != 0)).any(-1, keepdim=True)
+        return torch.where(needs, derived, arange)
+
+    def _mlp(self, w, i: int, x: torch.Tensor, visitor) -> torch.Tensor:
+        """MLP block ``i`` on its input ``x [batch, pos, d]`` (its output goes to the visitor)."""
+        a = self.arch
+        x = self.norm(w, f"{i}.ln2", x)
+        flat = x.reshape(-1, x.shape[-1])
+        up = _linear(flat, w[f"{i}.up.w"], w.get(f"{i}.up.b"))
+        if a.gated_mlp:
+            up = self.acts[i](_linear(flat, w[f"{i}.gate.w"], w.get(f"{i}.gate.b"))) * up
+        else:
+            up = self.acts[i](up)
+        out = _linear(up, w[f"{i}.down.w"], w.get(f"{i}.down.b")).view_as(x)
+        if a.post_norms:
+            out = self.norm(w, f"{i}.post2", out)
+        visitor.src(f"blocks.{i}.hook_mlp_out", out.unsqueeze(0))
+        return out
+
+    def qkv_rows(self, w: Mapping[str, torch.Tensor], i: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Block ``i``'s joined Q, K, V projection ``[(H + 2G) * dh, d]`` (as ``nn.Linear``)
+        and bias (or None): rows per head, Q heads then K heads then V heads."""
+        weight = torch.cat([w[f"{i}.{x}.w"] for x in "qkv"])
+        if f"{i}.q.b" not in w:
+            return weight, None
+        return weight, torch.cat([w[f"{i}.{x}.b"] for x in "qkv"])
+
+    def slot_weights(self, w: Mapping[str, torch.Tensor], i: int):
+        """Block ``i``'s projection per Q/K/V slot: ``[slots, dh, d]`` and bias ``[slots, 1, dh]``
+        (or None); see :attr:`slot_rows`."""
+        weight, bias = self.qkv_rows(w, i)
+        rows = self.slot_rows.to(weight.device)
+        weight = weight.view(-1, self.d_head, weight.shape[-1]).index_select(0, rows)
+        return weight, None if bias is None else bias.view(-1, 1, self.d_head).index_select(0, rows)
+
+    def _attention(self, w, i: int, resid: torch.Tensor, visitor, allowed, rotary, tail: int = 0) -> torch.Tensor:
+        """Attention block ``i``'s output ``[batch, pos, d]`` (per-head results go to the
+        visitor); with ``tail`` and a visitor that narrows, the last ``tail`` query positions only."""
+        a = self.arch
+        b, p, d = resid.shape
+        H, G, dh = a.n_heads, a.n_kv_heads, self.d_head
+        pre = f"blocks.{i}."
+        ln = f"{i}.ln1"
+        got = visitor.dest_slots([pre + f"hook_{n}_input" for n in "qkv"], resid)
+        if got is not None:
+            w_slots, b_slots = self.slot_weights(w, i)  # [slots, dh, d], [slots, 1, dh]
+            w_in = w_slots.transpose(1, 2)
+            slots, x = got
+            if slots is None:
+                qkv = self._project(w, ln, x, w_in, b_slots)  # [slots, b, p, dh]
+            else:  # only some slots are patched: the others project the residual itself
+                qkv = self._plain_slots(w, i, resid)
+                if len(slots):
+                    qkv = qkv.index_copy(0, slots, self._project(w, ln, x, w_in[slots],
+                                                                 None if b_slots is None else b_slots[slots]))
+            n_kv = self.n_kv_slots
+            q, k, v = qkv[:H], qkv[H:H + n_kv], qkv[H + n_kv:]
+        else:
+            x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
+            if x is not None:
+                if G != H:
+                    raise ValueError("graphs without Q/K/V split (separate_qkv=False) need n_kv_heads == n_heads")
+                weight, bias = self.qkv_rows(w, i)
+                # per head: its Q, K and V rows side by side, [H, d, 3 * dh]
+                w_head = weight.view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d).transpose(1, 2)
+                b_head = None if bias is None else bias.view(3, H, 1, dh).permute(1, 2, 0, 3).reshape(H, 1, 3 * dh)
+                x = self.norm(w, ln, x).view(H, b * p, d)
+                qkv = torch.bmm(x, w_head) if b_head is None else torch.baddbmm(b_head, x, w_head)
+                q, k, v = qkv.view(H, b, p, 3, dh).permute(3, 0, 1, 2, 4).unbind(0)
+            else:
+                seen = getattr(visitor, "plain_qkv", None)  # funcpatch.zero_grads: gradients per head slot
+                if seen is not None:
+                    qkv = seen(i, self._plain_slots(w, i, resid))  # [slots, b, p, dh]
+                    q, k, v = qkv[:H], qkv[H:H + self.n_kv_slots], qkv[H + self.n_kv_slots:]
+                else:
+                    weight, bias = self.qkv_rows(w, i)
+                    rows = F.linear(self.norm(w, ln, resid), weight, bias).view(b, p, H + 2 * G, dh).permute(2, 0, 1, 3)
+                    q, k, v = rows[:H], rows[H:H + G], rows[H + G:]
+        if a.qk_norm:
+            q, k = self.norm(w, f"{i}.q_norm", q), self.norm(w, f"{i}.k_norm", k)
+        if rotary is not None:
+            q, k = _rotate(q, *rotary, a.rotary_dims), _rotate(k, *rotary, a.rotary_dims)
+        if k.shape[0] != H:  # grouped keys/values: each query head reads its group's
+            k, v = (t.repeat_interleave(H // k.shape[0], dim=0) for t in (k, v))
+        rows = tail if tail and visitor.narrow(tail) else p  # query positions computed
+        z = _attend(q[:, :, p - rows:], k, v, allowed[..., p - rows:, :], a.scales[i], a.softcap)
+        w_o = w[f"{i}.o.w"].t().reshape(H, dh, d)
+        per_head = torch.bmm(z.reshape(H, b * rows, dh), w_o).view(H, b, rows, d)
+        visitor.src(pre + "attn.hook_result", per_head)
+        out = per_head.sum(0)
+        if f"{i}.o.b" in w:
+            out = out + w[f"{i}.o.b"]
+        if a.post_norms:
+            normed = self.norm(w, f"{i}.post1", out)
+            tell = getattr(visitor, "post_norm", None)
+            if tell is not None:
+                tell(pre + "attn.hook_result", out, lambda t, i=i, w=w: self.norm(w, f"{i}.post1", t))
+            out = normed
+        return out
+
+    def _plain_slots(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
+        """Every Q/K/V slot of block ``i`` projected from the residual itself: ``[slots, b, p, dh]``."""
+        b, p, _ = resid.shape
+        weight, bias = self.qkv_rows(w, i)
+        rows = F.linear(self.norm(w, f"{i}.ln1", resid), weight, bias).view(b, p, -1, self.d_head)
+        rows = rows.permute(2, 0, 1, 3)  # [H + 2G, b, p, dh]
+        if len(self.slot_rows) == rows.shape[0]:
+            return rows
+        return rows.index_select(0, self.slot_rows.to(rows.device))
+
+    def _project(self, w, ln: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The norm ``ln`` then each slot's own projection: ``x [m, b, p, d]`` -> ``[m, b, p, dh]``
+        (``weight [m, d, dh]``, ``bias [m, 1, dh]`` or None). ``x`` may be batch-major
+        underneath (a transposed ``[b, m, p, d]``, as per-row masks give): then it stays so."""
+        m, b, p, d = x.shape
+        if x.is_contiguous():  # head-major: one product per slot over all rows
+            flat = self.norm(w, ln, x).view(m, b * p, d)
+            out = torch.bmm(flat, weight) if bias is None else torch.baddbmm(bias, flat, weight)
+            return out.view(m, b, p, -1)
+        x = self.norm(w, ln, x.transpose(0, 1))  # [b, m, p, d]
+        out = torch.matmul(x, weight)
+        return (out if bias is None else out + bias).transpose(0, 1)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+    """Rotary position embedding on the first ``dims`` of each head's dims (the rotated
+    halves convention of Llama and GPT-NeoX); ``x [heads, b, p, dh]``, ``cos``/``sin [b | 1, p, dims]``."""
+    rot, rest = (x, None) if dims == x.shape[-1] else (x[..., :dims], x[..., dims:])
+    half = dims // 2
+    turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos + turned * sin
+    return out if rest is None else torch.cat([out, rest], dim=-1)
+
+
+def _allowed(attention_mask: Optional[torch.Tensor], p: int, window: Optional[int], device) -> torch.Tensor:
+    """Which keys each query sees: causal, within ``window`` if set, not padding.
+    Bool ``[p, p]``, or ``[batch, p, p]`` with a padding mask (broadcasts over heads)."""
+    q = torch.arange(p, device=device)
+    allowed = q[None, :] <= q[:, None]
+    if window is not None:
+        allowed = allowed & (q[None, :] > q[:, None] - window)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, :].bool()
+    return allowed
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+            softcap: Optional[float]) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over the keys ``allowed`` (bool); ``q [..., rows, dh]``,
+    ``k``/``v [..., p, dh]``. One fused kernel, except with a soft-cap (Gemma-2) and under
+    torch.func transforms (it has no batching rule there: vmap would loop)."""
+    if softcap is None and not torch._C._are_functorch_transforms_active():
+        if allowed.dim() == 3:  # padding: transformers' additive mask (rows of all-masked keys stay finite)
+            allowed = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def _one_kernel(act: nn.Module):
+    """``act`` as one kernel where torch has one for its formula: transformers'
+    ``NewGELUActivation`` (GPT-2's ``gelu_new``) spells torch's tanh-approximate GELU out
+    in six elementwise operations (measured: 4-8% of the patched forward's time on the
+    benchmark workload)."""
+    if type(act).__name__ == "NewGELUActivation":
+        return _tanh_gelu
+    return act
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _node(visitor, name: str, x: torch.Tensor) -> torch.Tensor:
+    """A residual-stream node: patched if it is a destination, recorded if a source."""
+    patched = visitor.dest([name], x)
+    x = x if patched is None else patched[0]
+    visitor.src(name, x.unsqueeze(0))
+    return x
+
+
+def decoder_forward_for(model: nn.Module, grouped_kv: bool = False) -> Optional[DecoderForward]:
+    """funcpatch's own forward for ``model``, or None when it has none (a bridge in
+    compatibility mode, an architecture :mod:`funcpatch.arch` does not cover)."""
+    from funcpatch.arch import UnsupportedArchitecture, transformers_model
+    if transformers_model(model) is None:
+        return None
+    if getattr(model, "original_model", None) is not None and getattr(model, "compatibility_mode", False):
+        return None  # TransformerLens has processed the weights
+    try:
+        return DecoderForward(model, grouped_kv)
+    except UnsupportedArchitecture:
+        return None
