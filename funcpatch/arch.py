@@ -233,7 +233,7 @@ def weight_refs(model: nn.Module, arch: DecoderArch) -> Tuple[Dict[str, Ref], li
         wrapper = getattr(layer, p["attn"])
         attn = _unwrap(wrapper)
         if wrapper is not attn and all(hasattr(wrapper, x) for x in "qkvo"):  # a bridge: the Q/K/V/O it runs
-            qkv, o = [_get(wrapper, x) for x in "qkv"], _get(wrapper, "o")
+            qkv, o = [_unwrap(getattr(wrapper, x)) for x in "qkv"], _unwrap(getattr(wrapper, "o"))
         else:
             qkv, o = [_get(attn, p[x]) if x in p else None for x in "qkv"], _get(attn, p["o"])
         if None in qkv:

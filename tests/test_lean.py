@@ -1,4 +1,4 @@
-"""funcpatch's own GPT-2 forward (funcpatch.lean) equals the bridge's hook path:
+"""funcpatch's own forward (funcpatch.decoder) on GPT-2 equals the bridge's hook path:
 outputs, recorded sources, gradients w.r.t. masks and weights, under vmap, for every
 graph kind, padding, batched masks and every ablation type."""
 
@@ -13,6 +13,8 @@ from torch.func import grad, vmap
 
 import funcpatch as fp
 from conftest import has_bridge, tokens
+from funcpatch.hook_forward import HookForward
+from funcpatch.own_forward import OwnForward
 
 pytestmark = pytest.mark.skipif(not has_bridge(), reason="no TransformerBridge in this TransformerLens")
 
@@ -35,7 +37,7 @@ def pair(graph="split", variant="plain", **kw):
     model = gpt2(variant)
     lean = fp.patchable(model, **GRAPHS[graph], **kw)
     hooks = fp.patchable(model, lean=False, **GRAPHS[graph], **kw)
-    assert lean.lean is not None and hooks.lean is None
+    assert isinstance(lean.forward, OwnForward) and isinstance(hooks.forward, HookForward)
     return lean, hooks
 
 
@@ -55,10 +57,11 @@ def padding(batch=3, seq=6, seed=0):
     return mask
 
 
-def test_lean_is_chosen_for_gpt2_only(transformer):
+def test_own_forward_is_chosen_for_bridges_of_covered_families(transformer):
     pm = fp.patchable(transformer)
-    is_gpt2 = type(getattr(transformer, "original_model", None)).__name__ == "GPT2LMHeadModel"
-    assert (pm.lean is not None) == is_gpt2
+    is_bridge = getattr(transformer, "original_model", None) is not None
+    assert isinstance(pm.forward, OwnForward) == is_bridge
+    assert isinstance(fp.patchable(transformer, lean=False).forward, HookForward)
 
 
 @settings(max_examples=25, deadline=None)
@@ -263,11 +266,10 @@ def test_outputs_do_not_share_memory_with_later_calls(graph):
 def test_resumed_forward_equals_the_whole_forward(point, keep):
     """Starting at a checkpoint from a clean prefix is exact when nothing before it is
     patched, also for several circuits over repeats of one batch (as ACDC runs them)."""
-    from funcpatch.source_major import record_checkpoints, resumed_patched_forward
     lean, _ = pair("split", slice_output="last_seq")
     clean, corrupt = tokens(24), tokens(25)
     kw = {"logits_to_keep": keep} if keep else {}
-    _, src_outs, checkpoints = record_checkpoints(lean, clean, **kw)
+    _, src_outs, checkpoints = lean.forward.checkpoints(lean, (clean,), kw)
     assert sorted(checkpoints) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]
     resid, n_before = checkpoints[point]
     state = random_state(lean, corrupt, 24, batch=6)  # 2 circuits x 3 prompts
@@ -282,8 +284,8 @@ def test_resumed_forward_equals_the_whole_forward(point, keep):
     whole = fp.patched_forward(lean, tiled, clean.repeat(2, 1), **kw)
     for grad_enabled in (True, False):
         with torch.set_grad_enabled(grad_enabled):
-            got = resumed_patched_forward(lean, untiled, point, resid.repeat(2, 1, 1), src_outs[:n_before],
-                                          clean.repeat(2, 1), repeats=2, **kw)
+            got = lean.forward.resumed(lean, untiled, point, resid.repeat(2, 1, 1), src_outs[:n_before],
+                                       (clean.repeat(2, 1),), kw, repeats=2)
         torch.testing.assert_close(got, whole, atol=2e-6, rtol=1e-5)
 
 
@@ -309,7 +311,6 @@ def test_scratch_is_per_thread_and_can_be_released():
 def test_zero_mask_gradients_equal_torch_func_grad(graph, variant, seed, padded, last):
     """EAP's fast path (funcpatch.zero_grads: one plain forward/backward) equals
     torch.func.grad of the patched forward at masks = 0, on the hook path."""
-    from funcpatch.zero_grads import zero_mask_grads
     lean, hooks = pair(graph, variant, slice_output="last_seq" if last else None)
     clean, corrupt = tokens(seed), tokens(seed + 1)
     kwargs = {"attention_mask": padding()} if padded else {}
@@ -319,7 +320,7 @@ def test_zero_mask_gradients_equal_torch_func_grad(graph, variant, seed, padded,
     def loss(out):
         return out[lean.out_slice][..., :7].logsumexp(-1).sum()
 
-    fast = zero_mask_grads(lean, state, clean, kw, loss)
+    fast = lean.forward.zero_mask_grads(lean, state, clean, kw, loss)
     assert fast is not None
     reference = grad(lambda m: loss(fp.patched_forward(hooks, dataclasses.replace(state, masks=m), clean,
                                                        **kwargs)))(state.masks)
@@ -330,10 +331,9 @@ def test_zero_mask_gradients_equal_torch_func_grad(graph, variant, seed, padded,
 
 
 def test_zero_mask_gradients_decline_what_they_do_not_compute():
-    from funcpatch.zero_grads import zero_mask_grads
     lean, hooks = pair("split")
     state = fp.set_all_masks(random_state(lean, tokens(1), 1), 0.0)
     loss = lambda out: out.sum()  # noqa: E731
-    assert zero_mask_grads(hooks, state, tokens(2), {}, loss) is None  # no lean forward
-    assert zero_mask_grads(lean, fp.set_all_masks(state, 0.5), tokens(2), {}, loss) is None  # masks not 0
-    assert zero_mask_grads(lean, state, tokens(2), {"return_type": "loss"}, loss) is None  # a call it cannot run
+    assert hooks.forward.zero_mask_grads(hooks, state, tokens(2), {}, loss) is None  # the hook path has none
+    assert lean.forward.zero_mask_grads(lean, fp.set_all_masks(state, 0.5), tokens(2), {}, loss) is None  # masks not 0
+    assert lean.forward.zero_mask_grads(lean, state, tokens(2), {"return_type": "loss"}, loss) is None  # a call it cannot run
