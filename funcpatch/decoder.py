@@ -113,7 +113,8 @@ class DecoderForward:
         returns their patched inputs ``[slots, batch, pos, d]`` or None (unpatched).
         A visitor with ``checkpoint(point, resid)`` also sees the residual at each point
         a forward can resume from: ``(i, 0)`` entering block ``i``, ``(i, 1)`` entering
-        its MLP (sequential blocks only), ``(n_layers, 0)`` after the last block.
+        its MLP (in parallel blocks, the block's input again: the block runs whole),
+        ``(n_layers, 0)`` after the last block.
         With ``logits_to_keep`` and a visitor whose ``narrow(k)`` returns True, everything
         after the last block's attention runs on the last ``k`` positions only; the
         visitor then sees ``pos = k``. A visitor with ``post_norm(hook, summed, norm)``
@@ -146,9 +147,10 @@ class DecoderForward:
             window = a.windows[i]
             if window not in masks:
                 masks[window] = _allowed(attention_mask, p, window, tokens.device)
-            if a.parallel:
+            if a.parallel:  # resuming anywhere in the block runs all of it
                 if checkpoint is not None:
                     checkpoint((i, 0), resid)
+                    checkpoint((i, 1), resid)
                 x = visitor.dest([pre + "hook_mlp_in"], resid)  # before the heads' differences fill the buffer
                 mlp_in = resid if x is None else x[0]
                 attn = self._attention(w, i, resid, visitor, masks[window], rotary, tail)

@@ -16,7 +16,7 @@ never ask which one it is; both give the same outputs (tests/test_lean.py).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Protocol, Tuple
+from typing import Callable, ContextManager, Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -33,6 +33,10 @@ class PatchForward(Protocol):
     """
 
     takes_logits_to_keep: bool  # calls accept ``logits_to_keep=k`` (outputs: the last k positions)
+
+    def session(self, pm) -> ContextManager:
+        """A context for many calls in a row (a search, a training loop): whatever the
+        forward sets up per call stays set up inside it."""
 
     def plain(self, pm, args, kwargs):
         """The unpatched forward."""

@@ -122,6 +122,11 @@ class HookForward:
 
     takes_logits_to_keep = False  # the model's own signature decides; not assumed
 
+    def session(self, pm):
+        # hooks and per-head hook flags stay on: switching them around every forward
+        # costs more than a small model's forward
+        return activated(pm)
+
     def _run(self, pm, visitor_for, args, kwargs, params):
         with activated(pm) as modules, serialized(pm):
             visitor = visitor_for(modules)

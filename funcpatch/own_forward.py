@@ -9,6 +9,7 @@ a transformers model given directly has none, and such a call is an error.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 from funcpatch.decoder import DecoderForward
@@ -25,6 +26,9 @@ class OwnForward:
     def __init__(self, decoder: DecoderForward, fallback: Optional[HookForward]):
         self.decoder = decoder
         self.fallback = fallback
+
+    def session(self, pm):
+        return contextlib.nullcontext()  # nothing is set up per call
 
     def _bind(self, args, kwargs, params=None, resume=None):
         run = self.decoder.bind(args, kwargs, params, resume)

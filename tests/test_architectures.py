@@ -295,3 +295,63 @@ def test_bare_transformers_models_refuse_calls_the_own_forward_does_not_take():
         pm(toks(0), output_attentions=True)
     with pytest.raises(TypeError, match="supported"):
         fp.patchable(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name,grouped", [("llama3-gqa", True), ("gpt_neox", False)])
+def test_every_algorithm_runs_on_both_graph_forms(name, grouped, tmp_path):
+    """Every algorithm, run_circuits and the drawing on the grouped graph form and on
+    parallel blocks (ACDC's resumed evaluations: test_resumed_forward_equals_the_whole_forward)."""
+    hf = model(name)
+    clean, corrupt = toks(14, batch=4), toks(15, batch=4)
+    pm = fp.patchable(hf, grouped_kv=grouped, slice_output="last_seq")
+    ans, wrong = torch.tensor([[1], [2], [3], [4]]), torch.tensor([[5], [6], [7], [8]])
+    loader = fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, ans, wrong), seq_len=SEQ, diverge_idx=0,
+                                 batch_size=4)
+    n = pm.graph.n_edges
+    results = {
+        "eap_ig": fp.algos.eap_ig(pm, loader, samples=2, progress=False),
+        "eap_ig_inputs": fp.algos.eap_ig(pm, loader, samples=2, variant="inputs", progress=False),
+        "exact": fp.algos.exact_patching(pm, loader, progress=False),
+        "acdc": fp.algos.acdc(pm, loader, tao_exps=[-2], progress=False),
+        "probing": fp.algos.subnetwork_probing(pm, loader, learning_rate=0.1, epochs=2, progress=False),
+        "magnitude": fp.algos.activation_magnitude(pm, loader),
+    }
+    for what, scores in results.items():
+        assert set(scores) == {m.module_name for m in pm.graph.dest_modules}, what
+        assert sum(v.numel() for v in scores.values()) == n, what
+        assert not any(torch.isnan(v).any() for v in scores.values()), what
+    outs = fp.run_circuits(pm, loader, [0, n // 2, n], results["exact"], progress=False)
+    key = next(iter(outs[n]))
+    torch.testing.assert_close(outs[n][key], hf(clean).logits[:, -1], atol=1e-4, rtol=1e-4)  # every edge: clean
+    torch.testing.assert_close(outs[0][key], hf(corrupt).logits[:, -1], atol=1e-4, rtol=1e-4)  # none: corrupt
+    from funcpatch import viz
+    viz.draw_circuit(pm, results["exact"], 10, path=tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["llama3-gqa", "gpt_neox", "qwen3"])
+def test_resumed_forward_equals_the_whole_forward(name):
+    """ACDC's evaluations start at a checkpoint of a clean forward: exact when nothing
+    before it is patched, also in parallel blocks and over repeats of one batch."""
+    hf = model(name)
+    pm = fp.patchable(hf, grouped_kv=True)
+    clean, corrupt = toks(16), toks(17)
+    _, src_outs, checkpoints = pm.forward.checkpoints(pm, (clean,), {})
+    assert sorted(checkpoints) == [(b, s) for b in range(3) for s in (0, 1)] + [(3, 0)]
+    g = torch.Generator().manual_seed(1)
+    state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, corrupt))
+    state = dataclasses.replace(state, masks={k: torch.rand((6,) + v.shape, generator=g) for k, v in state.masks.items()})
+    parallel = pm.forward.decoder.arch.parallel
+    for point in sorted(checkpoints):
+        def after(name):
+            block, stage = int(name.split(".")[1]), int(name.endswith("hook_mlp_in"))
+            if name.endswith("hook_resid_post"):
+                return (block + 1, 0) >= point
+            return (block, 0 if parallel else stage) >= (point[0], 0 if parallel else point[1])
+        masks = {k: v if after(k) else torch.zeros_like(v) for k, v in state.masks.items()}
+        resid, n_before = checkpoints[point]
+        whole = fp.patched_forward(pm, dataclasses.replace(state, masks=masks, patch_src_outs=state.patch_src_outs.repeat(1, 2, 1, 1)),
+                                   clean.repeat(2, 1))
+        got = pm.forward.resumed(pm, dataclasses.replace(state, masks=masks), point, resid.repeat(2, 1, 1),
+                                 src_outs[:n_before], (clean.repeat(2, 1),), {}, repeats=2)
+        assert rel(got, whole) <= 1e-5, point

@@ -81,7 +81,6 @@ from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forwa
 from funcpatch.forward import patched_forward
 from funcpatch.graph import Edge
 from funcpatch.patchable import PatchableModel
-from funcpatch.runtime import activated
 from funcpatch.state import init_state, patch_mode
 
 __all__ = ["acdc", "acdc_runs", "acdc_taus", "acdc_edge_order", "AcdcRun", "ACDC_FAITHFULNESS_TARGETS",
@@ -322,9 +321,7 @@ def acdc_runs(pm: PatchableModel, dataloader, taus: Sequence[float], *,
     bad = [t for t in taus if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t)]
     if bad:
         raise TypeError(f"taus must be real numbers, got {bad}")
-    # Keep the model's hooks and per-head hook flags on for the whole search: switching
-    # them on and off around every forward costs more than a small model's forward.
-    with activated(pm):
+    with pm.forward.session(pm):
         return _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mode, progress,
                           lookahead, max_batch_rows)
 

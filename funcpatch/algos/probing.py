@@ -50,7 +50,6 @@ from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.metrics import (answer_value, correct_answer_percent, kl_divergence, logit_diff,
                                logit_diff_percent)
 from funcpatch.patchable import PatchableModel
-from funcpatch.runtime import activated
 from funcpatch.state import (HC_LEFT, HC_RIGHT, HC_TEMP, MASK_FNS, PatchState, init_state, mask_fn_mode,
                              sample_mask_noise)
 
@@ -230,9 +229,7 @@ def subnetwork_probing_run(
     if circuit_size is not None:
         _check_int("circuit_size", circuit_size, 1)
     ablation_type = as_ablation_type(ablation_type)
-    # Hooks and per-head hook flags stay on for the whole training (switching them
-    # around every forward costs more than a small model's forward).
-    with activated(pm):
+    with pm.forward.session(pm):
         return _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dropout_p, init_val,
                       show_train_graph, circuit_size, tree_optimisation, avoid_edges, avoid_lambda,
                       faithfulness_target, validation_dataloader, ablation_type, clean_corrupt, seed, generator,
