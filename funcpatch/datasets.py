@@ -171,15 +171,37 @@ def _resolve_tokenizer(model_or_tokenizer: Any) -> Any:
     )
 
 
-def _encode(tokenizer: Any, text: str) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer: Any, text: str, where: str) -> List[int]:
+    """Token ids of ``text``; a word the tokenizer maps to its unknown token is an error.
+
+    A silent ``<unk>`` would still run and give plausible-looking but wrong scores.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = list(enc["input_ids"])
+    if unk is None or unk not in ids:
+        return ids
+    unk_text = getattr(tokenizer, "unk_token", None)
+    if fast:
+        words = [text[a:b] for t, (a, b) in zip(ids, enc["offset_mapping"]) if t == unk]
+    else:  # no offsets: name the tokenizer's own pieces
+        words = [w for t, w in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if t == unk]
+    words = [w for w in words if w != unk_text]  # the unknown token written out on purpose
+    if not words:
+        return ids
+    raise DatasetFormatError(
+        f"{where} = {text!r}: {', '.join(repr(w) for w in words)} "
+        f"{'is' if len(words) == 1 else 'are'} not in the tokenizer's vocabulary (mapped to the unknown "
+        f"token {unk_text!r}); use words the model knows, or give token ids"
+    )
 
 
 def _ids(tokenizer: Any, value: Union[str, List[int]], where: str) -> List[int]:
     if isinstance(value, str):
         if tokenizer is None:
             raise DatasetFormatError(f"{where} is text, which needs a tokenizer; none was given")
-        ids = _encode(tokenizer, value)
+        ids = _encode(tokenizer, value, where)
         if not ids:
             raise DatasetFormatError(f"{where} = {value!r} tokenizes to nothing")
         return ids
@@ -198,7 +220,7 @@ def _answer_id(tokenizer: Any, value: Union[str, int], where: str) -> int:
         return int(value)
     if tokenizer is None:
         raise DatasetFormatError(f"{where} = {value!r} is text, which needs a tokenizer; none was given")
-    ids = _encode(tokenizer, value)
+    ids = _encode(tokenizer, value, where)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise DatasetFormatError(

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from funcpatch.deltas import check_patch_shape, group_mask, recorded
 from funcpatch.graph import DestModule, SrcModule
+from funcpatch.inputs import check_call_inputs, check_mask_dtypes
 from funcpatch.runtime import Visitor, activated, serialized, visiting
 from funcpatch.source_major import SrcMajorPatcher, SrcMajorRecorder
 from funcpatch.state import PatchState
@@ -167,6 +168,8 @@ def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, 
     if state.patch_src_outs.shape[0] != len(pm.graph.srcs):
         raise ValueError(f"patch_src_outs has {state.patch_src_outs.shape[0]} sources, the graph has "
                          f"{len(pm.graph.srcs)}")
+    check_mask_dtypes(state.masks, state.patch_src_outs.dtype)
+    check_call_inputs(pm, args, kwargs, params)
     out, _ = _run(pm, lambda modules: Patcher(pm, modules, state), lambda: SrcMajorPatcher(pm, state), args, kwargs,
                   params)
     return out
@@ -174,5 +177,6 @@ def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, 
 
 def record_src_outs(pm, *args, params=None, **kwargs) -> Tuple[object, torch.Tensor]:
     """A plain forward that also returns every source's output ``[n_srcs, batch, seq, d]``."""
+    check_call_inputs(pm, args, kwargs, params)
     out, rec = _run(pm, lambda modules: Recorder(pm, modules), lambda: SrcMajorRecorder(pm), args, kwargs, params)
     return out, rec.stacked()
