@@ -193,7 +193,7 @@ def edge_masks(pm, edges: Collection[Union[str, Edge]], value: float = 1.0,
         index = tuple(torch.tensor(col) for col in zip(*idxs))
         m = masks[module]
         masks[module] = m.index_put(index, torch.full((len(idxs),), float(value), dtype=m.dtype, device=m.device))
-    return masks
+    return FrozenMasks(masks)  # the type of state.masks, so the two pair up in jvp and tree_map
 
 
 def patch_mode(pm, state: PatchState, patch_src_outs: torch.Tensor,
