@@ -4,6 +4,7 @@ from funcpatch import algos, metrics, models
 from funcpatch.ablation import AblationType, batch_src_ablations, src_ablations
 from funcpatch.circuits import CircuitOutputs, PatchType, circuit_masks, run_circuits
 from funcpatch.data import PromptDataLoader, PromptDataset, PromptPairBatch
+from funcpatch.datasets import load_datasets_from_json
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.edge_counts import (EdgeCounts, PruneScores, TestEdges, desc_prune_scores, edge_counts_util,
                                    prune_scores_threshold)
@@ -24,6 +25,7 @@ __all__ = [
     "circuit_masks", "run_circuits",
     "AblationType", "DestNode", "MissingHooksError", "Edge", "Graph", "MaskNoise", "MicroModel", "PatchState", "PatchableModel",
     "PromptDataLoader", "PromptDataset", "PromptPairBatch", "SrcNode", "batch_src_ablations", "edge_masks",
-    "effective_mask", "init_state", "mask_fn_mode", "models", "patch_mode", "patchable", "patched_forward",
+    "effective_mask", "init_state", "load_datasets_from_json", "mask_fn_mode", "models", "patch_mode", "patchable",
+    "patched_forward",
     "record_src_outs", "sample_mask_noise", "set_all_masks", "src_ablations",
 ]

@@ -61,11 +61,22 @@ def _as_1d_long(x, what: str, i: int) -> torch.Tensor:
     return t.long()
 
 
+def _as_prompt(x, what: str, i: int) -> torch.Tensor:
+    """A prompt: ``[seq]`` token ids (long), or ``[seq, d_in]`` float input vectors, the
+    inputs of a model that takes no tokens (:class:`funcpatch.MicroModel`), kept as they are."""
+    t = torch.as_tensor(x)
+    if t.is_floating_point() and t.dim() >= 2:
+        return t
+    return _as_1d_long(t, what, i)
+
+
 class PromptDataset(Dataset):
-    """Prompt pairs from token tensors.
+    """Prompt pairs from token tensors (or, for models that take vectors, float inputs).
 
     Args:
-        clean, corrupt: ``[n_prompts, seq]`` tensors, or sequences of ``[seq]`` tensors.
+        clean, corrupt: ``[n_prompts, seq]`` token tensors, or sequences of ``[seq]``
+            tensors; or float inputs ``[n_prompts, seq, d_in]`` / sequences of ``[seq, d_in]``
+            (MicroModel, the seed library's ``micro_model_inputs.json``).
         answers, wrong_answers: per prompt a token id or a 1-d tensor of ids.
         attention_mask, corrupt_attention_mask: optional, like ``clean``/``corrupt``
             (1 = real token, 0 = padding), for left-padded prompts.
@@ -77,14 +88,18 @@ class PromptDataset(Dataset):
         for name, seq in (("corrupt", corrupt), ("answers", answers), ("wrong_answers", wrong_answers)):
             if len(seq) != n:
                 raise ValueError(f"{name} has {len(seq)} entries but clean has {n}; they must match")
-        self.clean = [_as_1d_long(c, "clean", i) for i, c in enumerate(clean)]
-        self.corrupt = [_as_1d_long(c, "corrupt", i) for i, c in enumerate(corrupt)]
+        self.clean = [_as_prompt(c, "clean", i) for i, c in enumerate(clean)]
+        self.corrupt = [_as_prompt(c, "corrupt", i) for i, c in enumerate(corrupt)]
         for i, (c, k) in enumerate(zip(self.clean, self.corrupt)):
             if c.shape != k.shape:
                 raise ValueError(
-                    f"prompt {i}: clean has {c.numel()} tokens but corrupt has {k.numel()}; "
+                    f"prompt {i}: clean has shape {tuple(c.shape)} but corrupt has {tuple(k.shape)}; "
                     "clean and corrupt prompts must have the same length"
                 )
+        kinds = {(c.dtype, c.shape[1:]) for c in self.clean + self.corrupt}
+        if len(kinds) > 1:
+            raise ValueError(f"prompts mix kinds {sorted(map(str, kinds))} (dtype, shape after seq): all must be "
+                             "token ids, or all float vectors of one width")
         self.answers = [_as_1d_long(a, "answers", i) for i, a in enumerate(answers)]
         self.wrong_answers = [_as_1d_long(a, "wrong_answers", i) for i, a in enumerate(wrong_answers)]
         self.attention_mask = self._masks(attention_mask, "attention_mask", self.clean)
@@ -98,8 +113,8 @@ class PromptDataset(Dataset):
             raise ValueError(f"{what} has {len(masks)} entries but there are {len(prompts)} prompts")
         out = [_as_1d_long(m, what, i) for i, m in enumerate(masks)]
         for i, (m, p) in enumerate(zip(out, prompts)):
-            if m.shape != p.shape:
-                raise ValueError(f"{what}[{i}] has {m.numel()} entries but its prompt has {p.numel()} tokens")
+            if m.shape != p.shape[:1]:
+                raise ValueError(f"{what}[{i}] has {m.numel()} entries but its prompt has {p.shape[0]} positions")
         return out
 
     def __len__(self) -> int:
@@ -127,7 +142,7 @@ def batch_key(clean: torch.Tensor, corrupt: torch.Tensor) -> int:
 
 
 def collate_prompt_pairs(pairs: Sequence[PromptPair], diverge_idx: int = 0) -> PromptPairBatch:
-    lengths = {p.clean.numel() for p in pairs}
+    lengths = {p.clean.shape[0] for p in pairs}
     if len(lengths) != 1:
         raise ValueError(f"prompts in one batch must have one length, got lengths {sorted(lengths)}")
     clean = torch.stack([p.clean for p in pairs])

@@ -5,8 +5,8 @@ File format::
     {
         "prompts": [                                   # required, non-empty
             {
-                "clean": str | [int, ...],             # text, or token ids
-                "corrupt": str | [int, ...],
+                "clean": str | [int, ...] | [[float, ...], ...],  # text, token ids, or input vectors
+                "corrupt": str | [int, ...] | [[float, ...], ...],
                 "answers": [str | int, ...],           # non-empty; each one token
                 "wrong_answers": [str | int, ...]      # non-empty; each one token
             },
@@ -16,6 +16,9 @@ File format::
         "word_idxs": {str: int, ...}                   # optional: named token positions
     }
 
+Input vectors (one ``[float, ...]`` per position, all of one width) are the inputs of a
+model that takes no tokens, :class:`funcpatch.MicroModel` (the seed library's
+``micro_model_inputs.json``); their answers are indices into the output's last dimension.
 Text is tokenized without the tokenizer's own special tokens; ``prepend_bos`` then puts
 ``tokenizer.bos_token_id`` in front of every prompt (token-id prompts get it too). Answers
 must be single tokens. The whole file is validated before anything is returned: an error
@@ -52,8 +55,8 @@ class DatasetFormatError(ValueError):
 class _Tokenized:
     """One prompt pair as token ids, before padding."""
 
-    clean: List[int]
-    corrupt: List[int]
+    clean: list  # token ids, or input vectors
+    corrupt: list
     answers: List[int]
     wrong_answers: List[int]
 
@@ -69,6 +72,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_vector_prompt(v: Any) -> bool:
+    """A prompt given as input vectors: a non-empty list of equal-width, non-empty lists of numbers."""
+    return (isinstance(v, list) and bool(v) and all(isinstance(x, list) and x and all(map(_is_number, x))
+                                                     for x in v) and len({len(x) for x in v}) == 1)
+
+
 def _check_prompt(path: Path, i: int, p: Any) -> None:
     if not isinstance(p, dict):
         raise DatasetFormatError(f"{path}: prompts[{i}] must be an object, got {type(p).__name__}")
@@ -81,9 +94,10 @@ def _check_prompt(path: Path, i: int, p: Any) -> None:
             if not v.strip():
                 raise DatasetFormatError(f"{_where(path, i, field)} is an empty string")
         elif isinstance(v, list):
-            if not v or not all(_is_int(t) for t in v):
+            if not (v and all(_is_int(t) for t in v)) and not is_vector_prompt(v):
                 raise DatasetFormatError(
-                    f"{_where(path, i, field)} must be a string or a non-empty list of int token ids, got {v!r}"
+                    f"{_where(path, i, field)} must be a string, a non-empty list of int token ids, or a list of "
+                    f"equal-width vectors of finite numbers (inputs of a model without tokens), got {v!r:.200}"
                 )
         else:
             raise DatasetFormatError(
@@ -171,18 +185,42 @@ def _resolve_tokenizer(model_or_tokenizer: Any) -> Any:
     )
 
 
-def _encode(tokenizer: Any, text: str) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer: Any, text: str, where: str) -> List[int]:
+    """Token ids of ``text``; a word the tokenizer maps to its unknown token is an error.
+
+    A silent ``<unk>`` would still run and give plausible-looking but wrong scores.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = list(enc["input_ids"])
+    if unk is None or unk not in ids:
+        return ids
+    unk_text = getattr(tokenizer, "unk_token", None)
+    if fast:
+        words = [text[a:b] for t, (a, b) in zip(ids, enc["offset_mapping"]) if t == unk]
+    else:  # no offsets: name the tokenizer's own pieces
+        words = [w for t, w in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if t == unk]
+    words = [w for w in words if w != unk_text]  # the unknown token written out on purpose
+    if not words:
+        return ids
+    raise DatasetFormatError(
+        f"{where} = {text!r}: {', '.join(repr(w) for w in words)} "
+        f"{'is' if len(words) == 1 else 'are'} not in the tokenizer's vocabulary (mapped to the unknown "
+        f"token {unk_text!r}); use words the model knows, or give token ids"
+    )
 
 
 def _ids(tokenizer: Any, value: Union[str, List[int]], where: str) -> List[int]:
     if isinstance(value, str):
         if tokenizer is None:
             raise DatasetFormatError(f"{where} is text, which needs a tokenizer; none was given")
-        ids = _encode(tokenizer, value)
+        ids = _encode(tokenizer, value, where)
         if not ids:
             raise DatasetFormatError(f"{where} = {value!r} tokenizes to nothing")
         return ids
+    if is_vector_prompt(value):
+        return [list(map(float, x)) for x in value]
     ids = list(value)
     if tokenizer is not None:
         bad = [t for t in ids if not 0 <= t < len(tokenizer)]
@@ -198,7 +236,7 @@ def _answer_id(tokenizer: Any, value: Union[str, int], where: str) -> int:
         return int(value)
     if tokenizer is None:
         raise DatasetFormatError(f"{where} = {value!r} is text, which needs a tokenizer; none was given")
-    ids = _encode(tokenizer, value)
+    ids = _encode(tokenizer, value, where)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise DatasetFormatError(
@@ -238,13 +276,29 @@ def shared_prefix_len(clean: torch.Tensor, corrupt: torch.Tensor) -> int:
     """First position where any clean prompt differs from its corrupt prompt.
 
     Args:
-        clean, corrupt: ``[n_prompts, seq]``.
+        clean, corrupt: ``[n_prompts, seq]`` tokens, or ``[n_prompts, seq, d_in]`` vectors.
     Returns:
         The length of the prefix that every pair shares (``seq`` when all pairs are equal).
     """
-    differs = (clean != corrupt).any(dim=0)  # [seq]
+    differs = (clean != corrupt).transpose(0, 1).flatten(1).any(dim=1)  # [seq]
     nz = differs.nonzero()
     return int(nz[0, 0]) if len(nz) else clean.shape[1]
+
+
+def _vector_kind(data: Dict[str, Any]) -> bool:
+    """Whether the prompts are input vectors; all must be of one kind (and one width)."""
+    kinds = [(is_vector_prompt(p[f]), len(p[f][0]) if is_vector_prompt(p[f]) else None)
+             for p in data["prompts"] for f in ("clean", "corrupt")]
+    k = next((k for k in range(len(kinds)) if kinds[k] != kinds[0]), None)
+    if k is not None:
+        src, i = data["sources"][k // 2]
+        field = ("clean", "corrupt")[k % 2]
+        raise DatasetFormatError(
+            f"{src}: prompts[{i}].{field} is {'an input-vector' if kinds[k][0] else 'a text/token'} prompt"
+            f"{f' of width {kinds[k][1]}' if kinds[k][0] else ''}, but the first prompt is "
+            f"{'an input-vector' if kinds[0][0] else 'a text/token'} prompt"
+            f"{f' of width {kinds[0][1]}' if kinds[0][0] else ''}; all prompts must be of one kind")
+    return kinds[0][0]
 
 
 # ---------------------------------------------------------------------------- splitting
@@ -337,6 +391,10 @@ def load_datasets_from_json(
     """
     data = read_dataset_json(path)
     tokenizer = _resolve_tokenizer(model_or_tokenizer)
+    vectors = _vector_kind(data)
+    if vectors and prepend_bos:
+        raise ValueError("the prompts are input vectors (a model without tokens, e.g. MicroModel): they take no BOS "
+                         "token; pass prepend_bos=False")
     bos = None
     if prepend_bos:
         bos = getattr(tokenizer, "bos_token_id", None)
@@ -369,9 +427,16 @@ def load_datasets_from_json(
             f"{src}: prompts[{i}] has {len(pairs[k].clean)} clean and {len(pairs[k].corrupt)} corrupt tokens "
             f"but the longest prompt has {length}; prompt lengths vary ({sorted(lengths)}): pass pad=True"
         )
-    pad_id = _pad_id(tokenizer)
-    clean, clean_mask = _left_pad([p.clean for p in chosen], length, pad_id)
-    corrupt, corrupt_mask = _left_pad([p.corrupt for p in chosen], length, pad_id)
+    if vectors and len(lengths) > 1:
+        raise DatasetFormatError(f"input-vector prompts must all have one length (they are not padded), got lengths "
+                                 f"{sorted(lengths)}")
+    if vectors:
+        clean = torch.tensor([p.clean for p in chosen], dtype=torch.get_default_dtype())
+        corrupt = torch.tensor([p.corrupt for p in chosen], dtype=torch.get_default_dtype())
+    else:
+        pad_id = _pad_id(tokenizer)
+        clean, clean_mask = _left_pad([p.clean for p in chosen], length, pad_id)
+        corrupt, corrupt_mask = _left_pad([p.corrupt for p in chosen], length, pad_id)
     seq_len: Optional[int] = length
     if len(lengths) > 1:
         masks, seq_len = (clean_mask, corrupt_mask), None
@@ -399,7 +464,7 @@ def load_datasets_from_json(
         if seq_len is None:
             raise DatasetFormatError("tail_divergence needs prompts of one length (no padding)")
         prefix = clean[0, :diverge_idx]
-        differ = (clean[:, :diverge_idx] != prefix).any(dim=1).nonzero()
+        differ = (clean[:, :diverge_idx] != prefix).flatten(1).any(dim=1).nonzero()
         if len(differ):
             src, i = data["sources"][order[int(differ[0, 0])]]
             raise DatasetFormatError(

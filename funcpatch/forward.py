@@ -20,6 +20,7 @@ from typing import Callable, ContextManager, Dict, Mapping, Optional, Protocol, 
 
 import torch
 
+from funcpatch.inputs import check_call_inputs, check_mask_dtypes
 from funcpatch.state import PatchState
 
 Checkpoints = Dict[Tuple[int, int], Tuple[torch.Tensor, int]]
@@ -102,9 +103,12 @@ def patched_forward(pm, state: PatchState, *args, params: Optional[Mapping[str, 
     transformers model given directly to ``fp.patchable``, the logits ``[batch, pos, vocab]``.
     """
     check_state(pm, state)
+    check_mask_dtypes(state.masks, state.patch_src_outs.dtype)
+    check_call_inputs(pm, args, kwargs, params)
     return pm.forward.patched(pm, state, args, kwargs, params)
 
 
 def record_src_outs(pm, *args, params=None, **kwargs) -> Tuple[object, torch.Tensor]:
     """A plain forward that also returns every source's output ``[n_srcs, batch, seq, d]``."""
+    check_call_inputs(pm, args, kwargs, params)
     return pm.forward.record(pm, args, kwargs, params)

@@ -8,20 +8,66 @@ the one it was given. The state is a pytree for ``torch.utils._pytree`` (so
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Collection, Dict, Optional, Union
+from typing import Collection, Dict, Mapping, Optional, Union
 
 import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
 from funcpatch.graph import Edge
+from funcpatch.inputs import check_finite_masks
 
 MASK_FNS = (None, "sigmoid", "hard_concrete")
 OPTREE_NAMESPACE = "funcpatch"
 
 # Hard concrete stretch and temperature (Louizos et al. 2017, as in subnetwork probing).
 HC_LEFT, HC_RIGHT, HC_TEMP = -0.1, 1.1, 2 / 3
+
+
+class FrozenMasks(dict):
+    """A dict that refuses changes: a state's masks, shared by every call that holds it.
+
+    ``state.masks[k] = ...`` would otherwise change a state that another call (or
+    thread) holds. Build a new state instead: ``dataclasses.replace(state, masks={...})``.
+    It is a dict (``isinstance``, iteration, ``{**masks}`` work) and a pytree node for
+    ``torch.utils._pytree`` and optree (namespace ``"funcpatch"``), so ``vmap``/``grad``
+    see its tensors. The tensors themselves are ordinary tensors. Where two pytrees must
+    have one structure (``jvp``'s primals and tangents, a ``tree_map`` over two trees),
+    pass ``dict(state.masks)`` next to plain dicts.
+    """
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a state's masks are immutable: build a new state with "
+                        "dataclasses.replace(state, masks={**state.masks, name: tensor})")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):  # pickle/deepcopy would otherwise fill an empty copy item by item
+        return FrozenMasks, (dict(self),)
+
+    def __repr__(self) -> str:
+        return f"FrozenMasks({dict.__repr__(self)})"
+
+
+def _flatten_masks(m: FrozenMasks):
+    return list(m.values()), list(m.keys())
+
+
+def _unflatten_masks(values, keys) -> FrozenMasks:
+    return FrozenMasks(zip(keys, values))
+
+
+torch_pytree.register_pytree_node(
+    FrozenMasks, _flatten_masks, _unflatten_masks, serialized_type_name="funcpatch.FrozenMasks",
+    flatten_with_keys_fn=lambda m: ([(torch_pytree.MappingKey(k), v) for k, v in m.items()], list(m.keys())),
+)
+optree.register_pytree_node(
+    FrozenMasks, lambda m: (list(m.values()), list(m.keys()), list(m.keys())),
+    lambda keys, values: _unflatten_masks(values, keys), namespace=OPTREE_NAMESPACE,
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +86,8 @@ class MaskNoise:
 class PatchState:
     """Masks and patch values for one patched forward.
 
-    masks: dest module name -> ``[seq?, heads?, n_in_srcs]`` tensor; 0 keeps an edge
+    masks: dest module name -> ``[seq?, heads?, n_in_srcs]`` tensor, held as an
+        immutable :class:`FrozenMasks` (any mapping given is copied into one); 0 keeps an edge
         clean, 1 patches it with ``patch_src_outs``, values between interpolate.
     patch_src_outs: ``[n_srcs, batch, seq, d_model]`` values sources are patched with
         (see :func:`funcpatch.src_ablations`), or None before :func:`patch_mode`.
@@ -54,6 +101,10 @@ class PatchState:
     mask_fn: Optional[str] = None
     dropout_p: float = 0.0
     noise: Optional[MaskNoise] = None
+
+    def __post_init__(self):
+        if isinstance(self.masks, Mapping) and not isinstance(self.masks, FrozenMasks):
+            object.__setattr__(self, "masks", FrozenMasks(self.masks))
 
 
 def _flatten_state(s: PatchState):
@@ -105,8 +156,15 @@ def _param_device(pm) -> torch.device:
     return torch.device("cpu") if p is None else p.device
 
 
+def _finite_value(value: float, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: the mask value must be a finite number (0 = clean, 1 = patched), got {value!r}")
+    return float(value)
+
+
 def init_state(pm, value: float = 0.0) -> PatchState:
-    """A state with every mask filled with ``value`` and no patch values yet."""
+    """A state with every mask filled with ``value`` (finite) and no patch values yet."""
+    value = _finite_value(value, "init_state")
     g = pm.graph
     masks = {m.module_name: torch.full(m.mask_shape(g.seq_len), float(value), dtype=_param_dtype(pm),
                                        device=_param_device(pm))
@@ -115,13 +173,16 @@ def init_state(pm, value: float = 0.0) -> PatchState:
 
 
 def set_all_masks(state: PatchState, value: float) -> PatchState:
-    """A copy of ``state`` with every mask set to ``value``."""
+    """A copy of ``state`` with every mask set to ``value`` (finite)."""
+    value = _finite_value(value, "set_all_masks")
     return dataclasses.replace(state, masks={k: torch.full_like(v, float(value)) for k, v in state.masks.items()})
 
 
 def edge_masks(pm, edges: Collection[Union[str, Edge]], value: float = 1.0,
                template: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-    """Masks that are ``value`` on ``edges`` (names or Edge objects) and 0 elsewhere."""
+    """Masks that are ``value`` on ``edges`` (names or Edge objects, or one of them) and 0 elsewhere."""
+    if isinstance(edges, (str, Edge)):  # one edge, not the characters of its name
+        edges = [edges]
     resolved = pm.graph.edges_named(edges)
     base = template if template is not None else init_state(pm).masks
     masks = {k: torch.zeros_like(v) for k, v in base.items()}
@@ -132,15 +193,16 @@ def edge_masks(pm, edges: Collection[Union[str, Edge]], value: float = 1.0,
         index = tuple(torch.tensor(col) for col in zip(*idxs))
         m = masks[module]
         masks[module] = m.index_put(index, torch.full((len(idxs),), float(value), dtype=m.dtype, device=m.device))
-    return masks
+    return FrozenMasks(masks)  # the type of state.masks, so the two pair up in jvp and tree_map
 
 
 def patch_mode(pm, state: PatchState, patch_src_outs: torch.Tensor,
                edges: Optional[Collection[Union[str, Edge]]] = None) -> PatchState:
     """A copy of ``state`` that patches with ``patch_src_outs`` ``[n_srcs, batch, seq, d]``.
 
-    With ``edges`` (names or Edge objects; a name covers every position of a
-    token-specific graph), those edges' masks become 1 and all other masks 0.
+    With ``edges`` (names or Edge objects, or a single one; a name covers every position
+    of a token-specific graph), those edges' masks become 1 and all other masks 0.
+    The state's masks must be finite (NaN/inf: ValueError).
     """
     n = len(pm.graph.srcs)
     if not isinstance(patch_src_outs, torch.Tensor):
@@ -149,6 +211,7 @@ def patch_mode(pm, state: PatchState, patch_src_outs: torch.Tensor,
     if patch_src_outs.dim() < 2 or patch_src_outs.shape[0] != n:
         raise ValueError(f"patch_src_outs must have shape [n_srcs={n}, batch, ...] (one slice per source "
                          f"node), got {tuple(patch_src_outs.shape)}")
+    check_finite_masks(state.masks, "patch_mode")
     masks = state.masks if edges is None else edge_masks(pm, edges, 1.0, template=state.masks)
     return dataclasses.replace(state, masks=masks, patch_src_outs=patch_src_outs)
 

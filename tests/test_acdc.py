@@ -173,6 +173,19 @@ def test_extremes(micro):
     assert all((v == 5.0).all() for v in gone.values())
 
 
+@pytest.mark.parametrize("target", ["kl_div", "mse"])
+def test_a_tie_with_tau_keeps_the_edge(micro, target):
+    # clean == corrupt: removing any edge changes nothing, faith - prev = 0 exactly, and
+    # the accept test is strict (< τ): with τ = 0 every edge stays (an edge is removed only
+    # when it costs less than τ).
+    b = micro_batch()
+    same = fp.PromptPairBatch(0, 0, b.clean, b.clean.clone(), b.answers, b.wrong_answers)
+    [run] = acdc_runs(micro, [same], [0.0], faithfulness_target=target, progress=False)
+    assert run.removed == ()
+    kept = acdc(micro, [same], taus=[0.0], faithfulness_target=target, progress=False)
+    assert all(torch.isinf(v).all() for v in kept.values())
+
+
 def test_edge_order_is_reverse_topological_and_stable(micro):
     order = acdc_edge_order(micro)
     assert sorted(order, key=lambda e: e.name) == sorted(micro.graph.edges, key=lambda e: e.name)

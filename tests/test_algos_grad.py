@@ -318,6 +318,21 @@ def test_mask_ig_approaches_the_integral(micro):
     assert errors[1] < 0.02 * float(flat(quad).abs().max())
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_mask_ig_is_the_sum_of_mask_gradients_at_s_over_n(micro, gpt2, loader, n):
+    # N + 1 points s / N, s = 0..N, both ends included, summed: a sum of N points (or a
+    # mean) is a different number, which a convergence test alone does not see.
+    for pm, batches, rtol in ((micro, micro_batches(), 1e-12), (gpt2, loader, 1e-5)):
+        ig = algos.mask_gradient(pm, batches, integrated_grad_samples=n, progress=False)
+        total = None
+        for s in range(n + 1):
+            g = algos.mask_gradient(pm, batches, mask_val=s / n, progress=False)
+            total = g if total is None else {k: total[k] + g[k] for k in g}
+        assert ig.keys() == total.keys()
+        for k in ig:
+            torch.testing.assert_close(ig[k], total[k], rtol=rtol, atol=rtol * float(flat(total).abs().max()))
+
+
 def test_eap_ig_inputs_one_step_is_eap(gpt2, loader, gpt2_eap):
     close(algos.eap_ig(gpt2, loader, samples=1, variant="inputs", progress=False), gpt2_eap)
 

@@ -10,7 +10,7 @@ import torch.utils._pytree as torch_pytree
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import funcpatch as fp
-from conftest import tokens
+from conftest import TRANSFORMERS, has_bridge, tokens
 
 
 def setup(model, seed=0, batch=3):
@@ -55,7 +55,7 @@ def test_jvp_along_a_mask_direction_equals_finite_difference(any_lm):
     f = lambda masks: loss(masks, clean, state.patch_src_outs)
     g = torch.Generator().manual_seed(1)
     direction = {k: torch.randn(v.shape, generator=g) for k, v in state.masks.items()}
-    _, tangent = jvp(f, (state.masks,), (direction,))
+    _, tangent = jvp(f, (dict(state.masks),), (direction,))  # tangents must match the primals: plain dicts
     eps = 1e-3
     with torch.no_grad():
         plus = f({k: v + eps * direction[k] for k, v in state.masks.items()})
@@ -168,19 +168,26 @@ def _hooks(model):
                for h in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values()))
 
 
+def _flags(model):
+    return {k: v for k, v in vars(model.cfg).items() if k.startswith("use_")}
+
+
 def test_model_unchanged_after_success_and_failure(any_lm):
-    before = {k: v.clone() for k, v in any_lm.state_dict().items()}
-    flags = {k: v for k, v in vars(any_lm.cfg).items() if k.startswith("use_")}
+    # Compared with a freshly built twin, not with a snapshot: the model is cached across
+    # tests, and a snapshot taken after an earlier test left it changed would miss that.
+    fresh = TRANSFORMERS["gpt2-bridge" if has_bridge() else "hooked"][1]()
     pm, clean, state = setup(any_lm)
     fp.patched_forward(pm, state, clean)
     bad = dataclasses.replace(state, patch_src_outs=state.patch_src_outs[..., :5, :])  # wrong seq length
     with pytest.raises(ValueError, match="patch_src_outs"):
         fp.patched_forward(pm, bad, clean)
+    hooked = fp.patchable(any_lm, slice_output="last_seq", lean=False)
+    batch7 = dataclasses.replace(state, masks={k: v.expand(7, *v.shape) for k, v in state.masks.items()})
     with pytest.raises(RuntimeError):
-        fp.patched_forward(pm, state, clean.float())  # the model itself fails mid-call
+        fp.patched_forward(hooked, batch7, clean)  # fails mid-call, with the per-head hooks switched on
     assert _hooks(any_lm) == 0
-    assert {k: v for k, v in vars(any_lm.cfg).items() if k.startswith("use_")} == flags
-    after = any_lm.state_dict()
+    assert _flags(any_lm) == _flags(fresh) and not any(_flags(fresh)[f] for f in hooked.hook_flags)
+    before, after = fresh.state_dict(), any_lm.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 

@@ -337,3 +337,20 @@ def test_zero_mask_gradients_decline_what_they_do_not_compute():
     assert hooks.forward.zero_mask_grads(hooks, state, tokens(2), {}, loss) is None  # the hook path has none
     assert lean.forward.zero_mask_grads(lean, fp.set_all_masks(state, 0.5), tokens(2), {}, loss) is None  # masks not 0
     assert lean.forward.zero_mask_grads(lean, state, tokens(2), {"return_type": "loss"}, loss) is None  # a call it cannot run
+
+
+def test_layer_norm_epsilon_comes_from_the_config():
+    # Every other test model has the default epsilon 1e-5, so a hard-coded 1e-5 would pass
+    # them all; with 0.1 it is ~0.4 off in the logits.
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(5)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=24, n_head=3, vocab_size=50, n_positions=16,
+                                    layer_norm_epsilon=0.1)).eval()
+    x = tokens(7)
+    with torch.no_grad():
+        expected = hf(x).logits  # before wrapping: the bridge replaces the model's submodules
+    pm = fp.patchable(fp.models.from_hf(hf))
+    assert isinstance(pm.forward, OwnForward)
+    state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, x, fp.AblationType.ZERO))
+    with torch.no_grad():
+        torch.testing.assert_close(fp.patched_forward(pm, state, x), expected, atol=1e-5, rtol=1e-5)

@@ -133,3 +133,31 @@ def test_ablation_types_match_definitions(any_lm):
         fp.src_ablations(pm, corrupt, A.TOKENWISE_MEAN_CLEAN)
     with pytest.raises(ValueError, match="RESAMPLE"):
         fp.src_ablations(pm, corrupt, "resample_all")
+
+
+@pytest.mark.parametrize("which", ["clean", "corrupt"])
+def test_batch_means_of_a_padded_batch(gpt2, which):
+    # A padded batch takes its own code path (with the attention mask): its batch means
+    # are per position for BATCH_TOKENWISE_MEAN and over positions for BATCH_ALL_TOK_MEAN.
+    from funcpatch.circuits import batch_patch_values
+    pm = fp.patchable(gpt2)
+    lengths = [6, 4, 5]
+    prompts = [tokens(10 + i, batch=1, seq=n)[0] for i, n in enumerate(lengths)]
+    padded = torch.stack([torch.cat([torch.zeros(6 - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(6 - len(p)), torch.ones(len(p))]).long() for p in prompts])
+    batch = fp.PromptPairBatch(0, 0, padded, padded.flip(0), torch.zeros(3, 1), torch.ones(3, 1),
+                               attention_mask=mask, corrupt_attention_mask=mask.flip(0))
+    A = fp.AblationType
+    outs = batch_patch_values(pm, batch, which, A.RESAMPLE)  # [n_srcs, 3, 6, d]
+    order = [0, 1, 2] if which == "clean" else [2, 1, 0]
+    for row, k in enumerate(order):  # each row's real positions equal the prompt run alone, unpadded
+        alone = fp.record_src_outs(pm, prompts[k][None])[1][:, 0]
+        torch.testing.assert_close(outs[:, row, 6 - lengths[k]:], alone, atol=1e-5, rtol=1e-5)
+    tokenwise = batch_patch_values(pm, batch, which, A.BATCH_TOKENWISE_MEAN)
+    assert tokenwise.shape == outs.shape
+    for row in range(3):
+        torch.testing.assert_close(tokenwise[:, row], outs.mean(1), atol=1e-6, rtol=1e-6)
+    last = torch.stack([fp.record_src_outs(pm, p[None])[1][:, 0, -1] for p in prompts]).mean(0)
+    torch.testing.assert_close(tokenwise[:, 0, -1], last, atol=1e-5, rtol=1e-5)
+    all_tok = batch_patch_values(pm, batch, which, A.BATCH_ALL_TOK_MEAN)
+    torch.testing.assert_close(all_tok[:, 1, 2], outs.mean((1, 2)), atol=1e-6, rtol=1e-6)
