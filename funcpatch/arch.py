@@ -183,12 +183,12 @@ def _linear(module: nn.Module) -> Optional[Callable]:
     return (lambda w: w.t()) if type(module).__name__ == "Conv1D" else None
 
 
-def _add(refs: Dict[str, Ref], key: str, module: Optional[nn.Module], bias: bool = True) -> None:
+def _add(refs: Dict[str, Ref], key: str, module: Optional[nn.Module]) -> None:
     if module is None:
         refs[key + ".w"] = (None, "weight", None)  # reported as missing
         return
     refs[key + ".w"] = (module, "weight", _linear(module))
-    if bias and getattr(module, "bias", None) is not None:
+    if getattr(module, "bias", None) is not None:
         refs[key + ".b"] = (module, "bias", None)
 
 

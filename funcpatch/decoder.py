@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from funcpatch.arch import DecoderArch, read_arch, resolve, weight_refs
+from funcpatch.arch import (DecoderArch, UnsupportedArchitecture, read_arch, resolve, transformers_model,
+                            weight_refs)
 
 
 class DecoderForward:
@@ -204,12 +205,12 @@ class DecoderForward:
         a = self.arch
         x = self.norm(w, f"{i}.ln2", x)
         flat = x.reshape(-1, x.shape[-1])
-        up = _linear(flat, w[f"{i}.up.w"], w.get(f"{i}.up.b"))
+        up = F.linear(flat, w[f"{i}.up.w"], w.get(f"{i}.up.b"))
         if a.gated_mlp:
-            up = self.acts[i](_linear(flat, w[f"{i}.gate.w"], w.get(f"{i}.gate.b"))) * up
+            up = self.acts[i](F.linear(flat, w[f"{i}.gate.w"], w.get(f"{i}.gate.b"))) * up
         else:
             up = self.acts[i](up)
-        out = _linear(up, w[f"{i}.down.w"], w.get(f"{i}.down.b")).view_as(x)
+        out = F.linear(up, w[f"{i}.down.w"], w.get(f"{i}.down.b")).view_as(x)
         if a.post_norms:
             out = self.norm(w, f"{i}.post2", out)
         visitor.src(f"blocks.{i}.hook_mlp_out", out.unsqueeze(0))
@@ -320,10 +321,6 @@ class DecoderForward:
         return (out if bias is None else out + bias).transpose(0, 1)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return F.linear(x, weight, bias)
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
     """Rotary position embedding on the first ``dims`` of each head's dims (the rotated
     halves convention of Llama and GPT-NeoX); ``x [heads, b, p, dh]``, ``cos``/``sin [b | 1, p, dims]``."""
@@ -387,7 +384,6 @@ def _node(visitor, name: str, x: torch.Tensor) -> torch.Tensor:
 def decoder_forward_for(model: nn.Module, grouped_kv: bool = False) -> Optional[DecoderForward]:
     """funcpatch's own forward for ``model``, or None when it has none (a bridge in
     compatibility mode, an architecture :mod:`funcpatch.arch` does not cover)."""
-    from funcpatch.arch import UnsupportedArchitecture, transformers_model
     if transformers_model(model) is None:
         return None
     if getattr(model, "original_model", None) is not None and getattr(model, "compatibility_mode", False):

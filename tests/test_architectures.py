@@ -13,6 +13,10 @@ import transformers as T
 from torch.func import grad
 
 import funcpatch as fp
+from conftest import has_hooked
+
+# The matrix needs no TransformerLens; CI runs it once, in the TransformerLens 4 environment.
+pytestmark = pytest.mark.skipif(has_hooked(), reason="architecture matrix: TransformerLens 4 environment only")
 
 VOCAB, SEQ = 60, 10  # SEQ > every sliding window below
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
