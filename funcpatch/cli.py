@@ -392,14 +392,11 @@ def _install_outputs(staging: Path, out: Path) -> None:
 
 def _choose_drawn(counts: Sequence[int], faith: Optional[Sequence[float]], n_edges: int) -> Tuple[int, str]:
     """The default circuit to draw: the smallest evaluated one with faithfulness >=
-    :data:`DRAW_FAITHFULNESS`, and a note for the title when there is none."""
+    :data:`DRAW_FAITHFULNESS` (the full model's is 1), and a note for the title when
+    faithfulness is undefined."""
     if faith is None:
-        return min(20, n_edges), "task check failed: faithfulness undefined"
-    for c, f in zip(counts, faith):
-        if c > 0 and f >= DRAW_FAITHFULNESS:
-            return c, ""
-    best = max(range(len(counts)), key=lambda i: faith[i])
-    return counts[best], f"no evaluated circuit reaches faithfulness {DRAW_FAITHFULNESS}; the most faithful"
+        return min(20, n_edges), "task check failed: faithfulness undefined; the top 20 edges"
+    return next((c for c, f in zip(counts, faith) if c > 0 and f >= DRAW_FAITHFULNESS), n_edges), ""
 
 
 def discover(args) -> DiscoverResult:
@@ -496,8 +493,8 @@ def _write_outputs(staging: Path, pm, r: DiscoverResult, name: str, args, ablati
     from funcpatch import viz
 
     f_drawn = dict(zip(r.edge_counts, r.faithfulness)).get(r.drawn_edges) if r.faithfulness is not None else None
-    note = r.drawn_note or (r.task_problem and "task check failed: faithfulness undefined") or (
-        "faithfulness not evaluated at this size" if f_drawn is None else "")
+    note = r.drawn_note or ("" if f_drawn is not None or r.faithfulness is None else
+                            "faithfulness not evaluated at this size")
     viz.draw_circuit(pm, r.prune_scores, n_edges=r.drawn_edges, path=staging / "circuit.png",
                      title=f"{name}: {args.algo} circuit (ablation {ablation_name}, {n_test} test prompts)",
                      faithfulness=f_drawn, note=note or None)

@@ -303,6 +303,10 @@ def test_discover_circuits_have_exactly_their_size(tmp_path):
     tied = [r["edges"] for r in summary["table"] if 0 < r["edges"] < len(edges)
             and edges[r["edges"] - 1]["score"] == edges[r["edges"]]["score"]]
     assert tied  # the test covers sizes that cut through a group of tied scores
+    # the drawn circuit (no --edges): the smallest evaluated one with faithfulness >= 0.8
+    good = [r for r in summary["table"] if r["edges"] > 0 and r["faithfulness"] >= 0.8]
+    assert summary["drawn_edges"] == good[0]["edges"]
+    assert summary["drawn_faithfulness"] == good[0]["faithfulness"]
     _, test = load_datasets_from_json(tok, zoo.dataset_path("induction"), batch_size=8, train_test_size=(8, 8),
                                       random_seed=0)
     for c in tied:
