@@ -207,8 +207,9 @@ def _fmt_score(s: float) -> str:
 
 #: drawing units: column spacing, node box width and height (rows are 1 apart)
 _DX, _BOX_W, _BOX_H = 3.0, 1.5, 0.62
-#: the clearance a routed edge keeps from node boxes it passes (drawing units)
-_CLEARANCE = 0.06
+#: the clearance a routed edge keeps from node boxes it passes (drawing units; a row is 1):
+#: about half the widest line, so that a thick edge does not touch the box either
+_CLEARANCE = 0.12
 _PORT_OFF = {"Q": 0.2, "K": 0.0, "V": -0.2, None: 0.0}
 
 
