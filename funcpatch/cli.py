@@ -40,7 +40,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -358,8 +360,6 @@ def _log(quiet: bool, msg: str) -> None:
 def _check_writable(out: Path, flag: str = "--out") -> None:
     """``out`` must be a folder that can be created or written: probed by creating and
     removing a temporary folder in ``out`` or its nearest existing ancestor."""
-    import tempfile
-
     if out.exists() and not out.is_dir():
         raise CLIError(f"{PROG} discover: {flag} {out} exists and is not a folder")
     probe = out
@@ -374,10 +374,9 @@ def _check_writable(out: Path, flag: str = "--out") -> None:
 
 
 def _install_outputs(staging: Path, out: Path) -> None:
-    """Move the files written in ``staging`` into ``out`` (replacing the previous run's
-    set, also its files this run did not write), with :data:`INCOMPLETE_MARKER` in
-    ``out`` while they move."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Move the files written in ``staging`` (a folder in ``out``) into ``out``,
+    replacing the previous run's set (also its files this run did not write), with
+    :data:`INCOMPLETE_MARKER` in ``out`` while they move."""
     marker = out / INCOMPLETE_MARKER
     marker.write_text(f"{PROG} discover was interrupted while moving its files here: they may mix two runs. "
                       "Run it again.\n")
@@ -473,11 +472,8 @@ def discover(args) -> DiscoverResult:
         del files["faithfulness"]
     result = DiscoverResult(scores, ps, counts, metric, faith, m_empty, m_full, c_pr, c_md, files, n_edges, drawn,
                             0.0, problem, note)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import shutil
-    import tempfile
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".funcpatch-partial-", dir=out))  # same file system: moves are renames
     try:
         _write_outputs(staging, pm, result, name, args, ablation_name, dataset, n_train, n_test, t0)
         _install_outputs(staging, out)
