@@ -22,7 +22,7 @@
     and give no CPR or CMD.
 
     ``--out`` is checked to be writable before any work. The files are written into a
-    temporary folder next to it and then moved in; while they are moved, ``--out`` holds
+    temporary folder inside it and then moved in; while they are moved, ``--out`` holds
     the marker file ``INCOMPLETE`` (:data:`INCOMPLETE_MARKER`), so an interrupted run
     leaves the previous complete set, or that marker, never an unmarked mix of two runs.
 
@@ -422,7 +422,7 @@ def discover(args) -> DiscoverResult:
     import torch
 
     import funcpatch as fp
-    from funcpatch import metrics, viz
+    from funcpatch import metrics
     from funcpatch.circuits import PatchType, run_circuits
     from funcpatch.datasets import load_datasets_from_json, read_dataset_json
 
@@ -497,7 +497,8 @@ def _write_outputs(staging: Path, pm, r: DiscoverResult, name: str, args, ablati
     if r.faithfulness is not None:
         viz.plot_faithfulness(r.percentages, r.faithfulness, staging / "faithfulness.png", label=args.algo,
                               title=f"{name}: faithfulness against circuit size ({n_test} test prompts)")
-    srcs = {f"srcs:{m.module_name}": json.dumps([pm.graph.srcs[i].name for i in range(*m.in_srcs)])
+    src_name = {s.src_idx: s.name for s in pm.graph.srcs}
+    srcs = {f"srcs:{m.module_name}": json.dumps([src_name[i] for i in range(*m.in_srcs)])
             for m in pm.graph.dest_modules}
     # written with open(): the file gets the usual permissions (umask), not a temporary file's 0o600
     (staging / "scores.safetensors").write_bytes(save(
