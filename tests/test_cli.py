@@ -432,3 +432,19 @@ def test_zoo_prints_real_paths():
     assert all(p.exists() for p in paths)
     for name in zoo.list_models():
         assert zoo.model_dir(name).resolve() in paths and zoo.dataset_path(name).resolve() in paths
+
+
+def test_edges_json_infinite_scores_are_null_and_keep_their_rank():
+    """ACDC scores its kept edges inf: JSON has no infinity, so null (never the string "inf")."""
+    import funcpatch as fp
+    pm = fp.patchable(fp.MicroModel(n_layers=2))
+    scores = {k: torch.full_like(v, 0.5) for k, v in fp.init_state(pm).masks.items()}
+    e_inf, e_neg, e_big = pm.graph.edges[5], pm.graph.edges[2], pm.graph.edges[0]
+    scores[e_inf.dest.module_name][e_inf.patch_idx] = math.inf
+    scores[e_neg.dest.module_name][e_neg.patch_idx] = -math.inf
+    scores[e_big.dest.module_name][e_big.patch_idx] = -3.0
+    rows = json.loads(json.dumps(cli._edges_json(pm, scores), allow_nan=False))
+    assert [r["rank"] for r in rows] == list(range(1, pm.n_edges + 1))
+    assert [(r["edge"], r["score"], r.get("nonfinite")) for r in rows[:3]] == [
+        (e_neg.name, None, "-inf"), (e_inf.name, None, "inf"), (e_big.name, -3.0, None)]  # ties: graph order
+    assert all(r["score"] == 0.5 for r in rows[3:])
