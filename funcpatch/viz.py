@@ -293,21 +293,23 @@ def _label_spots(routes: Sequence[List[Tuple[float, float]]], scale: Tuple[float
     route's middle part that is farthest from every other route (up to 0.25 inch) and
     from the labels placed so far (up to 0.4 inch; distances with x and y scaled by
     ``scale``, i.e. in inches as drawn), so that a label reads as its own edge's."""
-    sx, sy = scale
+    import numpy as np
 
-    def dist(p, q):
-        return math.hypot((p[0] - q[0]) * sx, (p[1] - q[1]) * sy)
-
+    pts = [np.asarray(r, dtype=float) * scale for r in routes]  # inches
     spots: List[Tuple[float, float]] = []
-    for i, route in enumerate(routes):
-        others = [q for j, r in enumerate(routes) if j != i for q in r]
+    for i, route in enumerate(pts):
         n = len(route)
-        best, best_d = route[n // 2], -1.0
-        for p in route[n // 5: n - n // 5]:
-            d = min([dist(p, q) for q in others] + [0.25]) + min([dist(p, q) for q in spots] + [0.4])
-            if d > best_d:
-                best, best_d = p, d
-        spots.append(best)
+        cand = route[n // 5: n - n // 5]
+        score = np.zeros(len(cand))
+        others = [p for j, p in enumerate(pts) if j != i]
+        for cap, targets in ((0.25, others), (0.4, [np.asarray(spots, dtype=float).reshape(-1, 2) * scale])):
+            near = np.full(len(cand), cap)
+            for t in targets:
+                if len(t):
+                    near = np.minimum(near, np.sqrt(((cand[:, None, :] - t[None, :, :]) ** 2).sum(-1)).min(1))
+            score += near
+        best = cand[int(np.argmax(score))] / scale
+        spots.append((float(best[0]), float(best[1])))
     return spots
 
 
@@ -338,7 +340,7 @@ def draw_circuit(pm, prune_scores: Mapping[str, torch.Tensor], n_edges: Optional
 
     Every arrow is a ``FancyArrowPatch`` whose ``gid`` is ``"edge:<name>"`` (also the
     element id in an SVG), node boxes have gid ``"node:<name>"`` and score labels
-    ``"label:<name>"``; a label sits on its own edge's curve into its destination.
+    ``"label:<name>"``; a label sits on its own edge, where the other edges are farthest.
 
     Args:
         pm: the patchable model.
