@@ -582,10 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Functional edge patching and automatic circuit discovery.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="command", metavar="{discover,zoo}", parser_class=_Parser)
-    algos = available_algorithms()
+    algos = _ALL_ALGORITHMS  # not available_algorithms(): the help needs no torch import
     d = sub.add_parser("discover", help="discover a circuit and measure its faithfulness",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="algorithms (--algo):\n" + "\n".join(f"  {a.name:<22}{a.help}" for a in algos.values()),
+                       epilog="algorithms (--algo):\n" + "\n".join(f"  {a.name:<22}{a.help}" for a in algos),
                        description="Score every edge of a model on a task, evaluate the circuits of the MIB "
                                    "sizes on held-out prompts, print the faithfulness table and write "
                                    "circuit.png, faithfulness.png, scores.safetensors, edges.json and "
@@ -596,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt pairs in auto-circuit's JSON format (default: the zoo model's dataset.json, "
                         "or dataset.json in the model folder)")
     d.add_argument("--algo", default=DEFAULT_ALGO,
-                   help=f"the scoring algorithm, any case: {', '.join(algos)} (described below; default: %(default)s)")
+                   help=f"the scoring algorithm, any case: {', '.join(a.name for a in algos)} (described below; "
+                        "default: %(default)s)")
     d.add_argument("--ablation", default="resample",
                    help="the ablation: an AblationType name, any case (resample, zero, tokenwise_mean_corrupt, ...; "
                         "default: %(default)s)")

@@ -168,6 +168,9 @@ def test_discover_subprocess_defaults(tmp_path):
     (["discover", "--edges", "0"], ["--edges"]),
     (["discover", "--prompts", "1"], ["--prompts"]),
     (["discover", "--samples", "0"], ["--samples"]),
+    (["discover", "--sp-epochs", "0"], ["--sp-epochs", ">= 1"]),
+    (["discover", "--sp-lambda", "-1"], ["--sp-lambda", ">= 0"]),
+    (["discover", "--sp-lambda", "nan"], ["--sp-lambda", "finite"]),
     (["discover", "--bogus-flag"], ["unrecognized"]),
 ])
 def test_bad_arguments_one_line(argv, needles):
