@@ -1,10 +1,16 @@
 """Evaluate circuits: run the model with only a circuit's edges (or only the rest) patched.
 
-A *circuit of size k* is read off prune scores with the tie rule of
-:mod:`funcpatch.edge_counts`: every edge whose ``|score|`` is ``>=`` the ``|score|`` of the
-k-th highest edge. :func:`run_circuits` runs each batch once per requested size and
-returns the outputs, keyed by the circuit's *real* size (larger than k when scores are
-tied at the threshold).
+A *circuit of size k* is read off prune scores in one of two ways:
+
+- the tie rule of :mod:`funcpatch.edge_counts` (the default, as auto-circuit): every edge
+  whose ``|score|`` is ``>=`` the ``|score|`` of the k-th highest edge, so tied scores at
+  the threshold make the circuit larger than k;
+- exact sizes (``exact_sizes=True``): the first k edges of :func:`edge_ranks`, i.e. the
+  top k by ``|score|`` with ties broken by the graph's edge order ``pm.graph.edges``
+  (token position, destination, head, source), so the circuit has exactly k edges.
+
+:func:`run_circuits` runs each batch once per requested size and returns the outputs,
+keyed by the circuit's *real* size.
 
 This module also holds the small helpers the prune algorithms share: materialising a
 dataloader's batches, the model keyword arguments of a batch, and the patch values of a
@@ -29,7 +35,7 @@ PruneScores = Dict[str, torch.Tensor]
 #: ``{real edge count: {batch.key: model output[pm.out_slice]}}``
 CircuitOutputs = Dict[int, Dict[int, torch.Tensor]]
 
-__all__ = ["PatchType", "CircuitOutputs", "run_circuits", "circuit_masks"]
+__all__ = ["PatchType", "CircuitOutputs", "run_circuits", "circuit_masks", "edge_ranks"]
 
 
 class PatchType(Enum):
@@ -179,13 +185,55 @@ def check_prune_scores(pm, prune_scores: Mapping[str, torch.Tensor]) -> None:
 # Circuits
 
 
+def _row_major(idx: Sequence[int], shape: Sequence[int]) -> int:
+    flat = 0
+    for i, n in zip(idx, shape):
+        flat = flat * n + i
+    return flat
+
+
+def edge_ranks(pm, prune_scores: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Each edge's rank (0 = first) when edges are sorted by ``|score|``, highest first,
+    ties in the graph's edge order ``pm.graph.edges`` (a stable sort over that order).
+
+    The circuit of exactly k edges is ``rank < k``. Infinite scores rank first.
+
+    Returns:
+        ``{dest module: int64 [seq?, heads?, n_in_srcs]}`` (ranks on the scores' devices).
+
+    Raises:
+        ValueError: keys/shapes that do not match ``pm``'s masks, NaN scores.
+    """
+    check_prune_scores(pm, prune_scores)
+    names = [m.module_name for m in pm.graph.dest_modules]
+    flat = torch.cat([prune_scores[n].detach().reshape(-1).to("cpu", torch.float64) for n in names]).abs()
+    if torch.isnan(flat).any():
+        bad = [n for n in names if torch.isnan(prune_scores[n]).any()]
+        raise ValueError(f"prune_scores contain NaN in {bad}; edges cannot be ranked by NaN scores")
+    offsets, start = {}, 0
+    for n in names:
+        offsets[n], start = start, start + prune_scores[n].numel()
+    # each graph edge's position in ``flat`` (row-major within its module), in graph order
+    index = torch.tensor([offsets[e.dest.module_name]
+                          + _row_major(e.patch_idx, prune_scores[e.dest.module_name].shape)
+                          for e in pm.graph.edges], dtype=torch.long)
+    order = torch.sort(flat[index], descending=True, stable=True).indices
+    ranks = torch.full((flat.numel(),), flat.numel(), dtype=torch.long)  # entries that are no edge: never in
+    ranks[index[order]] = torch.arange(order.numel())
+    return {n: ranks[offsets[n]:offsets[n] + prune_scores[n].numel()].reshape(prune_scores[n].shape)
+            .to(prune_scores[n].device) for n in names}
+
+
 def circuit_masks(pm, prune_scores: Mapping[str, torch.Tensor], edge_count: int,
                   patch_type: Union[PatchType, str] = PatchType.EDGE_PATCH,
-                  desc_scores: Optional[torch.Tensor] = None) -> Tuple[Dict[str, torch.Tensor], int]:
+                  desc_scores: Optional[torch.Tensor] = None, *,
+                  ranks: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Dict[str, torch.Tensor], int]:
     """Masks that patch the circuit of (nominal) size ``edge_count``, and its real size.
 
-    The circuit is every edge with ``|score| >= threshold`` (the ``edge_count``-th highest
-    ``|score|``; ``+inf`` for 0 edges), so ties at the threshold are all included.
+    Without ``ranks`` the circuit is every edge with ``|score| >= threshold`` (the
+    ``edge_count``-th highest ``|score|``; ``+inf`` for 0 edges), so ties at the
+    threshold are all included. With ``ranks`` (:func:`edge_ranks`) it is the edges of
+    rank ``< edge_count``: exactly ``edge_count`` edges.
     EDGE_PATCH: mask 1 on the circuit; TREE_PATCH: mask 1 everywhere else.
 
     Returns:
@@ -194,13 +242,16 @@ def circuit_masks(pm, prune_scores: Mapping[str, torch.Tensor], edge_count: int,
     """
     patch_type = as_patch_type(patch_type)
     desc = desc_prune_scores(prune_scores) if desc_scores is None else desc_scores
-    threshold = prune_scores_threshold(desc, edge_count)
+    threshold = prune_scores_threshold(desc, edge_count)  # also validates edge_count
     template = init_state(pm).masks
     masks, size = {}, 0
     for m in pm.graph.dest_modules:
         scores = prune_scores[m.module_name]
         like = template[m.module_name]
-        in_circuit = scores.abs() >= threshold.to(scores.device)
+        if ranks is None:
+            in_circuit = scores.abs() >= threshold.to(scores.device)
+        else:
+            in_circuit = ranks[m.module_name] < edge_count
         size += int(in_circuit.sum())
         keep = in_circuit if patch_type == PatchType.EDGE_PATCH else ~in_circuit
         masks[m.module_name] = keep.to(dtype=like.dtype, device=like.device)
@@ -251,7 +302,8 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
                  patch_type: Union[PatchType, str] = PatchType.EDGE_PATCH,
                  ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
                  reverse_clean_corrupt: bool = False, render_graph: bool = False, progress: bool = True,
-                 vmap_sizes: bool = False, vmap_chunk_size: Optional[int] = None) -> CircuitOutputs:
+                 vmap_sizes: bool = False, vmap_chunk_size: Optional[int] = None,
+                 exact_sizes: bool = False) -> CircuitOutputs:
     """Run every batch with each circuit size in ``test_edge_counts`` patched.
 
     Semantics (auto-circuit's ``run_circuits``): with EDGE_PATCH the model runs on the
@@ -264,8 +316,10 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
     other way round); in between they differ (a patched edge carries the other run's
     source output, an unpatched one the source output of the patched run itself).
 
-    Ties: the circuit of nominal size k holds every edge whose ``|score|`` equals the k-th
-    highest, and the outputs are keyed by that real size.
+    Ties: by default (auto-circuit's rule) the circuit of nominal size k holds every edge
+    whose ``|score|`` is ``>=`` the k-th highest, and the outputs are keyed by that real
+    size. With ``exact_sizes=True`` it holds exactly k edges: the top k of
+    :func:`edge_ranks` (ties broken by the graph's edge order), keyed by k.
 
     Args:
         pm: the patchable model.
@@ -286,6 +340,7 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
             keep the stacked inputs of one destination group within 2**20 elements
             (stacking pays on small models and costs on large ones, whose stacked
             intermediates outgrow the caches; on large ones this is one size per forward).
+        exact_sizes: circuits of exactly the requested sizes (see Ties above).
 
     Returns:
         ``{real edge count: {batch.key: model output[pm.out_slice]}}`` (detached), sizes in
@@ -299,7 +354,8 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
     counts = list(test_edge_counts)
     batches = materialize_batches(dataloader)
     desc = desc_prune_scores(prune_scores)
-    circuits = [circuit_masks(pm, prune_scores, c, patch_type, desc) for c in counts]  # validates the counts
+    ranks = edge_ranks(pm, prune_scores) if exact_sizes else None
+    circuits = [circuit_masks(pm, prune_scores, c, patch_type, desc, ranks=ranks) for c in counts]  # validates counts
 
     # unique real sizes, in the order first requested (equal sizes mean equal circuits)
     unique: Dict[int, Dict[str, torch.Tensor]] = {}

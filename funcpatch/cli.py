@@ -9,9 +9,22 @@
 
     - ``circuit.png``: the diagram of the circuit (``--edges`` edges);
     - ``faithfulness.png``: faithfulness against circuit size;
-    - ``scores.safetensors``: the prune scores (dest module -> tensor shaped like its mask);
-    - ``edges.json``: every edge with its score, sorted by ``|score|``;
+    - ``scores.safetensors``: the prune scores (dest module -> tensor shaped like its mask;
+      the metadata ``srcs:<module>`` names the sources along the last axis);
+    - ``edges.json``: every edge with its score (null when infinite or NaN), in rank order;
     - ``summary.json``: the settings, the table, CPR and CMD.
+
+    Every circuit evaluated (the table, ``summary.json``, the plots) has exactly its
+    reported number of edges: the top n by ``|score|``, ties broken by the graph's edge
+    order (:func:`funcpatch.circuits.edge_ranks`; the rank in ``edges.json``). When the
+    full model does not clearly beat the empty circuit on the task (see
+    :func:`task_check`), faithfulness is undefined: the table and ``summary.json`` say so
+    and give no CPR or CMD.
+
+    ``--out`` is checked to be writable before any work. The files are written into a
+    temporary folder inside it and then moved in; while they are moved, ``--out`` holds
+    the marker file ``INCOMPLETE`` (:data:`INCOMPLETE_MARKER`), so an interrupted run
+    leaves the previous complete set, or that marker, never an unmarked mix of two runs.
 
 ``funcpatch zoo``
     List the zoo's models and their tasks.
@@ -27,7 +40,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,6 +59,15 @@ PROG = "funcpatch"
 DEFAULT_MODEL = "induction"
 DEFAULT_ALGO = "eap_ig"
 DEFAULT_OUT = "out"
+#: the output files of ``discover``
+OUTPUT_FILES = ("circuit.png", "faithfulness.png", "scores.safetensors", "edges.json", "summary.json")
+#: the marker file in ``--out`` while a run moves its files in (left there if interrupted)
+INCOMPLETE_MARKER = "INCOMPLETE"
+#: the faithfulness a drawn circuit should reach by default
+DRAW_FAITHFULNESS = 0.8
+#: the task check: the full model must beat the empty circuit by this fraction of
+#: ``|m(full)| + |m(empty)|``
+MIN_TASK_GAP = 0.1
 
 __all__ = ["main", "ALGORITHMS", "CLIError", "discover", "DiscoverResult"]
 
@@ -116,9 +140,11 @@ def _run_acdc(pm, loader, a, progress):
 
 
 def _run_sp(pm, loader, a, progress):
-    fn = _algo_fn("probing", "subnetwork_probing")
-    return fn(pm, loader, ablation_type=a.ablation, clean_corrupt="corrupt" if a.ablation.batch_specific else None,
-              seed=a.seed, progress=progress)
+    # clean_corrupt=None: the batch-specific ablations patch the circuit's edges with the
+    # clean run's values into the corrupt run (patching corrupt values into the corrupt run
+    # would change nothing, and leave the masks untrained)
+    return _algo_fn("probing", "subnetwork_probing")(pm, loader, epochs=a.sp_epochs, regularize_lambda=a.sp_lambda,
+                                                      ablation_type=a.ablation, seed=a.seed, progress=progress)
 
 
 def _run_magnitude(pm, loader, a, progress):
@@ -140,8 +166,8 @@ _ALL_ALGORITHMS = (
               "exact", "exact_patching"),
     Algorithm("acdc", "ACDC greedy pruning over a grid of thresholds (first batch only; minutes)", _run_acdc,
               "acdc", "acdc"),
-    Algorithm("subnetwork_probing", "learned edge masks (hard concrete, 20 epochs)", _run_sp, "probing",
-              "subnetwork_probing"),
+    Algorithm("subnetwork_probing", "learned edge masks (hard concrete; --sp-epochs, --sp-lambda)", _run_sp,
+              "probing", "subnetwork_probing"),
     Algorithm("activation_magnitude", "baseline: mean |activation| of each edge's source", _run_magnitude,
               "simple", "activation_magnitude"),
     Algorithm("random", "baseline: random scores (--seed)", _run_random, "simple", "random_scores"),
@@ -151,6 +177,14 @@ _ALL_ALGORITHMS = (
 def available_algorithms() -> Dict[str, Algorithm]:
     """The algorithms this installation has, by command-line name."""
     return {a.name: a for a in _ALL_ALGORITHMS if _algo_fn(a.module, a.attr) is not None}
+
+
+def _algo_name(name: str, algos: Dict[str, Algorithm]) -> str:
+    """The algorithm's command-line name for ``name`` in any case (``-`` for ``_`` too)."""
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    if key not in algos:
+        raise CLIError(f"{PROG} discover: unknown --algo {name!r}; available: {', '.join(algos)}", code=2)
+    return key
 
 
 def __getattr__(name):  # ALGORITHMS is computed on first use (it imports funcpatch.algos)
@@ -243,22 +277,28 @@ def load_model(model: str, kind: str, folder: Optional[Path]):
 
 @dataclass
 class DiscoverResult:
-    """What ``funcpatch discover`` computed (also returned by :func:`discover`)."""
+    """What ``funcpatch discover`` computed (also returned by :func:`discover`).
+
+    ``edge_counts`` are the evaluated circuits' sizes (exact: each circuit has that many
+    edges). ``faithfulness``, ``cpr`` and ``cmd`` are None when the task check failed
+    (``task_problem`` says why).
+    """
 
     prune_scores: Dict[str, Any]
     percentages: List[float]
     edge_counts: List[int]
-    real_sizes: List[int]
     metric: List[float]
-    faithfulness: List[float]
+    faithfulness: Optional[List[float]]
     m_empty: float
     m_full: float
-    cpr: float
-    cmd: float
+    cpr: Optional[float]
+    cmd: Optional[float]
     files: Dict[str, str]
     n_edges: int
     drawn_edges: int
     seconds: float
+    task_problem: Optional[str] = None
+    drawn_note: str = ""
 
 
 def _mean_logit_diff(outputs: Dict[int, Any], batches) -> float:
@@ -270,33 +310,92 @@ def _mean_logit_diff(outputs: Dict[int, Any], batches) -> float:
     return float(torch.cat([v.reshape(-1) for v in vals]).mean())
 
 
-def _score_float(x: float):
-    """A score for JSON: a float, or "inf" / "-inf" (JSON has no infinities)."""
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return float(x)
+def task_check(m_full: float, m_empty: float) -> Optional[str]:
+    """None when the full model beats the empty circuit on the metric by at least
+    :data:`MIN_TASK_GAP` of ``|m_full| + |m_empty|``; else why faithfulness (a ratio over
+    ``m_full - m_empty``) would be meaningless."""
+    gap = m_full - m_empty
+    if gap <= 0:
+        return (f"the full model ({m_full:.4g}) does not beat the empty circuit ({m_empty:.4g}) on the metric: "
+                "faithfulness is undefined")
+    scale = abs(m_full) + abs(m_empty)
+    if gap < MIN_TASK_GAP * scale:
+        return (f"the full model ({m_full:.4g}) beats the empty circuit ({m_empty:.4g}) by only {gap:.3g}, less than "
+                f"{MIN_TASK_GAP:.0%} of |m(full)| + |m(empty)| = {scale:.4g}: faithfulness would be noise")
+    return None
+
+
+def _json_number(x: float) -> Optional[float]:
+    """A float for JSON, or None for inf / NaN (JSON has neither)."""
+    return float(x) if math.isfinite(x) else None
 
 
 def _edges_json(pm, scores) -> List[Dict[str, Any]]:
+    """Every edge in rank order (:func:`funcpatch.circuits.edge_ranks`): the circuit of n
+    edges is the first n rows. A score that is not a JSON number is null, with its
+    value as text in ``nonfinite``."""
+    from funcpatch.circuits import edge_ranks
+
     flat = {k: v.detach().double().cpu() for k, v in scores.items()}
+    ranks = edge_ranks(pm, flat)
     rows = []
     for e in pm.graph.edges:
         s = float(e.prune_score(flat))
-        row = {"edge": e.name, "src": e.src.name, "dest": e.dest.name}
+        row = {"rank": int(e.prune_score(ranks)) + 1, "edge": e.name, "src": e.src.name, "dest": e.dest.name}
         if e.seq_idx is not None:
             row["seq_idx"] = e.seq_idx
-        row["score"] = s
+        row["score"] = _json_number(s)
+        if row["score"] is None:
+            row["nonfinite"] = str(s)
         rows.append(row)
-    rows.sort(key=lambda r: -abs(r["score"]) if not math.isnan(r["score"]) else 0.0)
-    for i, r in enumerate(rows):
-        r["rank"] = i + 1
-        r["score"] = _score_float(r["score"])
+    rows.sort(key=lambda r: r["rank"])
     return rows
 
 
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+def _check_writable(out: Path, flag: str = "--out") -> None:
+    """``out`` must be a folder that can be created or written: probed by creating and
+    removing a temporary folder in ``out`` or its nearest existing ancestor."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{PROG} discover: {flag} {out} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"{PROG} discover: {flag} {out}: {probe} is not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=probe).cleanup()
+    except OSError as e:
+        raise CLIError(f"{PROG} discover: {flag} {out} is not writable ({e.strerror or e}: {probe})") from e
+
+
+def _install_outputs(staging: Path, out: Path) -> None:
+    """Move the files written in ``staging`` (a folder in ``out``) into ``out``,
+    replacing the previous run's set (also its files this run did not write), with
+    :data:`INCOMPLETE_MARKER` in ``out`` while they move."""
+    marker = out / INCOMPLETE_MARKER
+    marker.write_text(f"{PROG} discover was interrupted while moving its files here: they may mix two runs. "
+                      "Run it again.\n")
+    for name in OUTPUT_FILES:
+        src, dst = staging / name, out / name
+        if src.exists():
+            os.replace(src, dst)
+        elif dst.exists():
+            dst.unlink()
+    marker.unlink()
+
+
+def _choose_drawn(counts: Sequence[int], faith: Optional[Sequence[float]], n_edges: int) -> Tuple[int, str]:
+    """The default circuit to draw: the smallest evaluated one with faithfulness >=
+    :data:`DRAW_FAITHFULNESS` (the full model's is 1), and a note for the title when
+    faithfulness is undefined."""
+    if faith is None:
+        return min(20, n_edges), "task check failed: faithfulness undefined; the top 20 edges"
+    return next((c for c, f in zip(counts, faith) if c > 0 and f >= DRAW_FAITHFULNESS), n_edges), ""
 
 
 def discover(args) -> DiscoverResult:
@@ -306,26 +405,26 @@ def discover(args) -> DiscoverResult:
     ablation = _ablation_type(args.ablation)
     args.ablation = ablation
     algos = available_algorithms()
-    if args.algo not in algos:
-        raise CLIError(f"{PROG} discover: unknown --algo {args.algo!r}; available: {', '.join(algos)}", code=2)
-    for flag, v, lo in (("--samples", args.samples, 1), ("--prompts", args.prompts, 2), ("--batch-size", args.batch_size, 1)):
+    args.algo = _algo_name(args.algo, algos)
+    for flag, v, lo in (("--samples", args.samples, 1), ("--prompts", args.prompts, 2), ("--batch-size", args.batch_size, 1),
+                        ("--sp-epochs", args.sp_epochs, 1)):
         if v < lo:
             raise CLIError(f"{PROG} discover: {flag} must be >= {lo}, got {v}", code=2)
+    if not (args.sp_lambda >= 0 and math.isfinite(args.sp_lambda)):
+        raise CLIError(f"{PROG} discover: --sp-lambda must be a finite number >= 0, got {args.sp_lambda}", code=2)
     if args.edges is not None and args.edges < 1:
         raise CLIError(f"{PROG} discover: --edges must be >= 1, got {args.edges}", code=2)
     kind, folder, dataset = resolve_model(args.model, args.dataset)
     out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"{PROG} discover: --out {args.out} exists and is not a folder")
+    _check_writable(out)
 
     _quiet_libraries()
     import torch
 
     import funcpatch as fp
-    from funcpatch import metrics, viz
+    from funcpatch import metrics
     from funcpatch.circuits import PatchType, run_circuits
     from funcpatch.datasets import load_datasets_from_json, read_dataset_json
-    from funcpatch.edge_counts import circuit_size_at
 
     torch.manual_seed(args.seed)
     _log(quiet, f"[1/4] loading {args.model} ({'zoo' if kind == 'zoo' else 'folder'})")
@@ -343,7 +442,8 @@ def discover(args) -> DiscoverResult:
     test_batches = list(test)
     _log(quiet, f"      {pm.n_edges} edges; {n_train} train / {n_test} test prompts from {dataset}")
 
-    _log(quiet, f"[2/4] scoring edges with {args.algo} (ablation: {ablation.name.lower()})")
+    ablation_name = ablation.name.lower()
+    _log(quiet, f"[2/4] scoring edges with {args.algo} (ablation: {ablation_name})")
     scores = algos[args.algo].run(pm, train, args, progress)
     scores = {k: v.detach() for k, v in scores.items()}
 
@@ -351,62 +451,81 @@ def discover(args) -> DiscoverResult:
     n_edges = pm.n_edges
     percentages = list(metrics.MIB_PERCENTAGES)
     counts = metrics.mib_edge_counts(n_edges, percentages)
-    real = [circuit_size_at(scores, c) for c in counts]
     wanted = list(dict.fromkeys([0] + counts + [n_edges]))  # the empty circuit and the full model too
-    outs = run_circuits(pm, test_batches, wanted, scores, patch_type=PatchType.TREE_PATCH,
-                        ablation_type=ablation, progress=progress, vmap_sizes=True)
-    if 0 not in outs or n_edges not in outs:  # infinite scores: the empty circuit was not run
-        zeros = {k: torch.zeros_like(v) for k, v in scores.items()}
-        base = run_circuits(pm, test_batches, [0, n_edges], zeros, patch_type=PatchType.TREE_PATCH,
-                            ablation_type=ablation, progress=False)
-        outs = {**base, **outs}
+    outs = run_circuits(pm, test, wanted, scores, patch_type=PatchType.TREE_PATCH, ablation_type=ablation,
+                        progress=progress, vmap_sizes=True, exact_sizes=True)
     metric_at = {s: _mean_logit_diff(outs[s], test_batches) for s in outs}
     m_empty, m_full = metric_at[0], metric_at[n_edges]
-    by_count = {c: metric_at[r] for c, r in zip(counts, real)}
-    try:
-        ps, faith = metrics.faithfulness_curve(by_count, n_edges, m_empty, m_full, percentages)
-    except ZeroDivisionError as e:
-        raise CLIError(f"{PROG} discover: the full model and the empty circuit have the same logit difference "
-                       f"({m_full:.4g}) on this task: faithfulness is undefined") from e
-    c_pr, c_md = metrics.cpr(ps, faith), metrics.cmd(ps, faith)
+    metric = [metric_at[c] for c in counts]
+    problem = task_check(m_full, m_empty)
+    ps, faith, c_pr, c_md = [float(p) for p in percentages], None, None, None
+    if problem is None:
+        ps, faith = metrics.faithfulness_curve(dict(zip(counts, metric)), n_edges, m_empty, m_full, percentages)
+        c_pr, c_md = metrics.cpr(ps, faith), metrics.cmd(ps, faith)
 
-    drawn = args.edges
-    if drawn is None:  # the smallest evaluated circuit with faithfulness >= 0.8, within [5, 40]
-        hit = [c for c, f in zip(counts, faith) if f >= 0.8 and c > 0]
-        drawn = max(5, min(hit[0] if hit else 40, 40))
-    drawn = min(drawn, n_edges)
+    drawn, note = (min(args.edges, n_edges), "") if args.edges is not None else _choose_drawn(counts, faith, n_edges)
 
     _log(quiet, f"[4/4] writing {out}/")
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"circuit": str(out / "circuit.png"), "faithfulness": str(out / "faithfulness.png"),
-             "scores": str(out / "scores.safetensors"), "edges": str(out / "edges.json"),
-             "summary": str(out / "summary.json")}
     name = args.model if kind == "zoo" else Path(args.model).name
-    viz.draw_circuit(pm, scores, n_edges=drawn, path=files["circuit"],
-                     title=f"{name}: top {drawn} of {n_edges} edges ({args.algo}, {ablation.name.lower()})")
-    viz.plot_faithfulness(ps, faith, files["faithfulness"], label=args.algo,
-                          title=f"{name}: faithfulness against circuit size ({n_test} test prompts)")
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous().cpu() for k, v in scores.items()}, files["scores"],
-              metadata={"model": str(args.model), "algo": args.algo, "ablation": ablation.name,
-                        "n_edges": str(n_edges), "format": "funcpatch PruneScores: dest module -> [seq?, heads?, n_in_srcs]"})
-    with open(files["edges"], "w") as f:
-        json.dump(_edges_json(pm, scores), f, indent=1)
-    result = DiscoverResult(scores, ps, counts, real, [by_count[c] for c in counts], faith, m_empty, m_full,
-                            c_pr, c_md, files, n_edges, drawn, time.perf_counter() - t0)
-    summary = {
-        "model": str(args.model), "dataset": str(dataset), "algo": args.algo, "ablation": ablation.name,
-        "samples": args.samples if args.algo.startswith("eap_ig") else None, "seed": args.seed,
-        "n_edges": n_edges, "n_train": n_train, "n_test": n_test, "patch_type": "TREE_PATCH",
-        "metric": "logit_diff", "m_full": m_full, "m_empty": m_empty,
-        "table": [{"percent": p, "edges": c, "circuit_edges": r, "logit_diff": m, "faithfulness": fa}
-                  for p, c, r, m, fa in zip(ps, counts, real, result.metric, faith)],
-        "cpr": c_pr, "cmd": c_md, "drawn_edges": drawn, "seconds": round(result.seconds, 2),
-    }
-    with open(files["summary"], "w") as f:
-        json.dump(summary, f, indent=1)
+    files = {k: str(out / f) for k, f in zip(("circuit", "faithfulness", "scores", "edges", "summary"), OUTPUT_FILES)}
+    if faith is None:
+        del files["faithfulness"]
+    result = DiscoverResult(scores, ps, counts, metric, faith, m_empty, m_full, c_pr, c_md, files, n_edges, drawn,
+                            0.0, problem, note)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".funcpatch-partial-", dir=out))  # same file system: moves are renames
+    try:
+        _write_outputs(staging, pm, result, name, args, ablation_name, dataset, n_train, n_test, t0)
+        _install_outputs(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _write_outputs(staging: Path, pm, r: DiscoverResult, name: str, args, ablation_name: str, dataset: Path,
+                   n_train: int, n_test: int, t0: float) -> None:
+    from safetensors.torch import save
+
+    from funcpatch import viz
+
+    f_drawn = dict(zip(r.edge_counts, r.faithfulness)).get(r.drawn_edges) if r.faithfulness is not None else None
+    note = r.drawn_note or ("" if f_drawn is not None or r.faithfulness is None else
+                            "faithfulness not evaluated at this size")
+    viz.draw_circuit(pm, r.prune_scores, n_edges=r.drawn_edges, path=staging / "circuit.png",
+                     title=f"{name}: {args.algo} circuit (ablation {ablation_name}, {n_test} test prompts)",
+                     faithfulness=f_drawn, note=note or None)
+    if r.faithfulness is not None:
+        viz.plot_faithfulness(r.percentages, r.faithfulness, staging / "faithfulness.png", label=args.algo,
+                              title=f"{name}: faithfulness against circuit size ({n_test} test prompts)")
+    src_name = {s.src_idx: s.name for s in pm.graph.srcs}
+    srcs = {f"srcs:{m.module_name}": json.dumps([src_name[i] for i in range(*m.in_srcs)])
+            for m in pm.graph.dest_modules}
+    # written with open(): the file gets the usual permissions (umask), not a temporary file's 0o600
+    (staging / "scores.safetensors").write_bytes(save(
+        {k: v.contiguous().cpu() for k, v in r.prune_scores.items()},
+        metadata={"model": str(args.model), "algo": args.algo, "ablation": ablation_name,
+                  "n_edges": str(r.n_edges), **srcs,
+                  "format": "funcpatch PruneScores: dest module -> [seq?, heads?, n_in_srcs]; "
+                            "srcs:<module> names the sources along the last axis"}))
+    with open(staging / "edges.json", "w") as f:
+        json.dump(_edges_json(pm, r.prune_scores), f, indent=1)
+    r.seconds = time.perf_counter() - t0
+    faith = r.faithfulness if r.faithfulness is not None else [None] * len(r.edge_counts)
+    summary = {
+        "model": str(args.model), "dataset": str(dataset), "algo": args.algo, "ablation": ablation_name,
+        "samples": args.samples if args.algo.startswith("eap_ig") else None, "seed": args.seed,
+        "n_edges": r.n_edges, "n_train": n_train, "n_test": n_test, "patch_type": "TREE_PATCH",
+        "metric": "logit_diff", "m_full": r.m_full, "m_empty": r.m_empty,
+        "task_check": {"ok": r.task_problem is None, "problem": r.task_problem},
+        "table": [{"percent": p, "edges": c, "circuit_edges": c, "logit_diff": m, "faithfulness": fa}
+                  for p, c, m, fa in zip(r.percentages, r.edge_counts, r.metric, faith)],
+        "cpr": r.cpr, "cmd": r.cmd, "drawn_edges": r.drawn_edges, "drawn_faithfulness": f_drawn,
+        "seconds": round(r.seconds, 2),
+    }
+    if args.algo == "subnetwork_probing":
+        summary.update(sp_epochs=args.sp_epochs, sp_lambda=args.sp_lambda)
+    with open(staging / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 def format_table(r: DiscoverResult, algo: str) -> str:
@@ -414,13 +533,14 @@ def format_table(r: DiscoverResult, algo: str) -> str:
     lines = [f"Faithfulness of the {algo} circuits (logit difference on the test prompts; "
              f"full model {r.m_full:.3f}, empty circuit {r.m_empty:.3f})",
              f"{'% edges':>8} {'edges':>7} {'logit diff':>11} {'faithfulness':>13}"]
-    for p, c, real, m, f in zip(r.percentages, r.edge_counts, r.real_sizes, r.metric, r.faithfulness):
-        size = f"{c}" if real == c else f"{c}({real})"
-        lines.append(f"{p:>7g}% {size:>7} {m:>11.3f} {f:>13.3f}")
-    lines.append(f"CPR {r.cpr:.3f} (higher is better)   CMD {r.cmd:.3f} (lower is better)   "
-                 f"[{r.n_edges} edges]")
-    if any(c != real for c, real in zip(r.edge_counts, r.real_sizes)):
-        lines.append("n(m): tied scores put m edges in the circuit of nominal size n")
+    faith = r.faithfulness if r.faithfulness is not None else [None] * len(r.edge_counts)
+    for p, c, m, f in zip(r.percentages, r.edge_counts, r.metric, faith):
+        lines.append(f"{p:>7g}% {c:>7} {m:>11.3f} {'n/a' if f is None else format(f, '.3f'):>13}")
+    if r.task_problem is not None:
+        lines.append(f"no CPR or CMD: task check failed: {r.task_problem}   [{r.n_edges} edges]")
+    else:
+        lines.append(f"CPR {r.cpr:.3f} (higher is better)   CMD {r.cmd:.3f} (lower is better)   "
+                     f"[{r.n_edges} edges]")
     return "\n".join(lines)
 
 
@@ -446,7 +566,11 @@ def zoo_table() -> str:
     head = ("model", "task", "architecture", "accuracy")
     lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head))]
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-    lines.append(f"run one: {PROG} discover --model {names[0]}   (dataset: funcpatch.zoo.dataset_path(name))")
+    lines.append("")
+    for n in names:
+        lines.append(f"{n}: model {zoo.model_dir(n).resolve()}")
+        lines.append(f"{' ' * len(n)}  dataset {zoo.dataset_path(n).resolve()}")
+    lines.append(f"run one: {PROG} discover --model {names[0]}")
     return "\n".join(lines)
 
 
@@ -458,7 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Functional edge patching and automatic circuit discovery.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="command", metavar="{discover,zoo}", parser_class=_Parser)
+    algos = _ALL_ALGORITHMS  # not available_algorithms(): the help needs no torch import
     d = sub.add_parser("discover", help="discover a circuit and measure its faithfulness",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="algorithms (--algo):\n" + "\n".join(f"  {a.name:<22}{a.help}" for a in algos),
                        description="Score every edge of a model on a task, evaluate the circuits of the MIB "
                                    "sizes on held-out prompts, print the faithfulness table and write "
                                    "circuit.png, faithfulness.png, scores.safetensors, edges.json and "
@@ -469,15 +596,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt pairs in auto-circuit's JSON format (default: the zoo model's dataset.json, "
                         "or dataset.json in the model folder)")
     d.add_argument("--algo", default=DEFAULT_ALGO,
-                   help="eap, eap_ig, eap_ig_mask, exact, acdc, activation_magnitude, random, ... "
-                        "(default: %(default)s)")
+                   help=f"the scoring algorithm, any case: {', '.join(a.name for a in algos)} (described below; "
+                        "default: %(default)s)")
     d.add_argument("--ablation", default="resample",
                    help="the ablation: an AblationType name, any case (resample, zero, tokenwise_mean_corrupt, ...; "
                         "default: %(default)s)")
     d.add_argument("--edges", type=int, default=None,
-                   help="edges drawn in circuit.png (default: the smallest evaluated circuit with "
-                        "faithfulness >= 0.8, between 5 and 40)")
+                   help=f"edges drawn in circuit.png (default: the smallest evaluated circuit with "
+                        f"faithfulness >= {DRAW_FAITHFULNESS}, else the most faithful one)")
     d.add_argument("--samples", type=int, default=5, help="integration steps of eap_ig (default: %(default)s)")
+    d.add_argument("--sp-epochs", type=int, default=20,
+                   help="training epochs of subnetwork_probing (default: %(default)s)")
+    d.add_argument("--sp-lambda", type=float, default=10.0,
+                   help="weight of subnetwork_probing's circuit-size penalty (default: %(default)s)")
     d.add_argument("--prompts", type=int, default=64,
                    help="prompts in each of the train and test splits, at most half the dataset (default: %(default)s)")
     d.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: %(default)s)")

@@ -30,7 +30,7 @@ from funcpatch.circuits import check_prune_scores
 
 __all__ = [
     "POS_COLOR", "NEG_COLOR", "NODE_COLOR", "IDLE_NODE_COLOR", "MIN_EDGE_WIDTH", "MAX_EDGE_WIDTH",
-    "CircuitEdge", "PlotFigure", "circuit_edges", "node_key", "edge_width",
+    "CircuitEdge", "PlotFigure", "circuit_edges", "node_key", "edge_width", "edge_route",
     "draw_circuit", "draw_seq_graph", "plot_faithfulness", "plot_roc",
 ]
 
@@ -205,20 +205,142 @@ def _fmt_score(s: float) -> str:
 # Circuit diagram
 
 
+#: drawing units: column spacing, node box width and height (rows are 1 apart)
+_DX, _BOX_W, _BOX_H = 3.0, 1.5, 0.62
+#: the clearance a routed edge keeps from node boxes it passes (drawing units; a row is 1):
+#: about half the widest line, so that a thick edge does not touch the box either
+_CLEARANCE = 0.12
+_PORT_OFF = {"Q": 0.2, "K": 0.0, "V": -0.2, None: 0.0}
+
+
+def _free_y(want: float, boxes_y: Sequence[float]) -> float:
+    """The height closest to ``want`` at which a horizontal line through a column misses
+    every box of that column (box centres ``boxes_y``, height :data:`_BOX_H`)."""
+    half = _BOX_H / 2 + _CLEARANCE
+    blocked = sorted((y - half, y + half) for y in boxes_y)
+    for lo, hi in blocked:
+        if lo < want < hi:
+            below, above = lo, hi
+            # a neighbouring box may close the gap on either side: step over it
+            while any(l2 < below < h2 for l2, h2 in blocked):
+                below = min(l2 for l2, h2 in blocked if l2 < below < h2)
+            while any(l2 < above < h2 for l2, h2 in blocked):
+                above = max(h2 for l2, h2 in blocked if l2 < above < h2)
+            return below if want - below <= above - want else above
+    return want
+
+
+def edge_route(start: Tuple[float, float], end: Tuple[float, float], columns: Sequence[Tuple[float, Sequence[float]]],
+               lane: float = 0.0):
+    """The drawn path of an edge from ``start`` (its source box's right side) to ``end``
+    (a port on its destination box's left side), passing every column in between.
+
+    ``columns``: ``(x centre, [box centre y, ...])`` of each column strictly between the
+    two. The path crosses a column horizontally, at the height nearest the straight line
+    (shifted by ``lane``) where it misses the column's boxes; between columns it is a
+    cubic Bézier curve, which stays inside the box-free gap between the columns (a Bézier
+    curve lies in the convex hull of its control points). So no edge passes behind a
+    node box other than its own two.
+
+    Returns:
+        ``(vertices [(x, y), ...], codes)`` for a :class:`matplotlib.path.Path`.
+    """
+    from matplotlib.path import Path
+
+    (x1, y1), (x2, y2) = start, end
+    points = [(x1, y1)]
+    for cx, ys in columns:
+        t = (cx - x1) / (x2 - x1) if x2 != x1 else 0.5
+        y = _free_y(y1 + t * (y2 - y1) + lane, ys)
+        points += [(cx - _BOX_W / 2, y), (cx + _BOX_W / 2, y)]
+    points.append((x2, y2))
+    verts, codes = [points[0]], [Path.MOVETO]
+    for i in range(0, len(points) - 1, 2):  # (a, b): a curve across a gap; then a line across a column
+        (xa, ya), (xb, yb) = points[i], points[i + 1]
+        d = (xb - xa) / 2
+        verts += [(xa + d, ya), (xb - d, yb), (xb, yb)]
+        codes += [Path.CURVE4] * 3
+        if i + 2 < len(points):
+            verts.append(points[i + 2])
+            codes.append(Path.LINETO)
+    return verts, codes
+
+
+def _samples(verts, codes, per_piece: int = 24) -> List[Tuple[float, float]]:
+    """Points along a routed path (:func:`edge_route`), on its curves and lines."""
+    from matplotlib.path import Path
+
+    out = [verts[0]]
+    i = 1
+    while i < len(verts):
+        if codes[i] == Path.CURVE4:
+            (xa, ya), (c1x, c1y), (c2x, c2y), (xb, yb) = verts[i - 1:i + 3]
+            for j in range(1, per_piece + 1):
+                t = j / per_piece
+                u = 1 - t
+                out.append((u ** 3 * xa + 3 * u * u * t * c1x + 3 * u * t * t * c2x + t ** 3 * xb,
+                            u ** 3 * ya + 3 * u * u * t * c1y + 3 * u * t * t * c2y + t ** 3 * yb))
+            i += 3
+        else:
+            (xa, ya), (xb, yb) = verts[i - 1], verts[i]
+            out += [(xa + (xb - xa) * j / per_piece, ya + (yb - ya) * j / per_piece) for j in range(1, per_piece + 1)]
+            i += 1
+    return out
+
+
+def _label_spots(routes: Sequence[List[Tuple[float, float]]], scale: Tuple[float, float]) -> List[Tuple[float, float]]:
+    """A point on each route (sampled paths) for its label: greedily, the point of the
+    route's middle part that is farthest from every other route (up to 0.25 inch) and
+    from the labels placed so far (up to 0.4 inch; distances with x and y scaled by
+    ``scale``, i.e. in inches as drawn), so that a label reads as its own edge's."""
+    import numpy as np
+
+    pts = [np.asarray(r, dtype=float) * scale for r in routes]  # inches
+    spots: List[Tuple[float, float]] = []
+    for i, route in enumerate(pts):
+        n = len(route)
+        cand = route[n // 5: n - n // 5]
+        score = np.zeros(len(cand))
+        others = [p for j, p in enumerate(pts) if j != i]
+        for cap, targets in ((0.25, others), (0.4, [np.asarray(spots, dtype=float).reshape(-1, 2) * scale])):
+            near = np.full(len(cand), cap)
+            for t in targets:
+                if len(t):
+                    near = np.minimum(near, np.sqrt(((cand[:, None, :] - t[None, :, :]) ** 2).sum(-1)).min(1))
+            score += near
+        best = cand[int(np.argmax(score))] / scale
+        spots.append((float(best[0]), float(best[1])))
+    return spots
+
+
+def _size_title(n_drawn: int, n_requested: Optional[int], n_total: int, faithfulness: Optional[float],
+                seq: bool) -> str:
+    size = f"{n_drawn} of {n_total} edges"
+    if n_requested is not None and n_drawn < n_requested:
+        size += f" ({n_requested - n_drawn} of the top {n_requested} score 0: not drawn)"
+    if seq:
+        size += ", summed over positions"
+    faith = "faithfulness not given" if faithfulness is None else f"faithfulness {faithfulness:.2f}"
+    return f"Circuit: top {size} by |score|; {faith}"
+
+
 def draw_circuit(pm, prune_scores: Mapping[str, torch.Tensor], n_edges: Optional[int] = 20,
                  path: Optional[PathLike] = None, *, title: Optional[str] = None, show_all_nodes: bool = True,
-                 label_edges: Optional[bool] = None):
+                 label_edges: Optional[bool] = None, faithfulness: Optional[float] = None,
+                 note: Optional[str] = None):
     """Draw the circuit of the ``n_edges`` highest-``|score|`` edges (static, matplotlib).
 
     Nodes stand in columns by layer (the embedding left, the output right); a head's
     Q, K and V inputs enter its box at three ports marked ``q``/``k``/``v`` on its left
     side. Each drawn edge is an arrow of width linear in ``|score|`` (see
     :func:`edge_width`) coloured :data:`POS_COLOR` (score > 0) or :data:`NEG_COLOR`
-    (score < 0). Edges of a token-specific graph are summed over positions (use
-    :func:`draw_seq_graph` for the per-position view).
+    (score < 0). An edge that spans several columns is routed around the boxes in
+    between (:func:`edge_route`), never behind them. Edges of a token-specific graph are
+    summed over positions (use :func:`draw_seq_graph` for the per-position view).
 
     Every arrow is a ``FancyArrowPatch`` whose ``gid`` is ``"edge:<name>"`` (also the
-    element id in an SVG); node boxes have gid ``"node:<name>"``.
+    element id in an SVG), node boxes have gid ``"node:<name>"`` and score labels
+    ``"label:<name>"``; a label sits on its own edge, where the other edges are farthest.
 
     Args:
         pm: the patchable model.
@@ -226,35 +348,43 @@ def draw_circuit(pm, prune_scores: Mapping[str, torch.Tensor], n_edges: Optional
         n_edges: circuit size (exactly that many edges; see :func:`circuit_edges`);
             None: every edge with a non-zero score.
         path: also save the figure there (``.png``, ``.svg`` or ``.pdf``).
-        title: figure title (default: the circuit size).
+        title: a first title line (e.g. the model and the method); the line below always
+            states the circuit's size and ``faithfulness``.
         show_all_nodes: draw the graph's other nodes too, greyed out.
-        label_edges: write each score next to its arrow (default: when at most 12 edges).
+        label_edges: write each score on its arrow (default: when at most 12 edges).
+        faithfulness: the circuit's faithfulness, for the title (None: "not given").
+        note: a last title line (e.g. why this circuit was chosen).
 
     Returns:
         The :class:`matplotlib.figure.Figure`.
     """
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    from matplotlib.path import Path
 
     edges = circuit_edges(pm, prune_scores, n_edges)
     pos, rep, tallest = _layout(pm)
     used = {node_key(e.src) for e in edges} | {node_key(e.dest) for e in edges}
     shown = [k for k in pos if show_all_nodes or k in used]
     n_cols = 1 + max(pos[k][0] for k in pos)
-    dx, box_w, box_h = 3.0, 1.5, 0.62
-    fig = _new_figure((max(5.0, 1.2 + 1.55 * n_cols), max(3.0, 1.6 + 0.62 * tallest)))
+    fig = _new_figure((max(5.0, 1.2 + 1.55 * n_cols), max(3.0, 1.9 + 0.62 * tallest)))
     ax = fig.add_subplot()
     ax.set_axis_off()
 
     def xy(k):
         c, r = pos[k]
-        return c * dx, -r  # first head on top
+        return c * _DX, -r  # first head on top
+
+    boxes_in_col: Dict[int, List[float]] = {}
+    for k in shown:
+        boxes_in_col.setdefault(pos[k][0], []).append(xy(k)[1])
 
     # nodes
     for k in shown:
         x, y = xy(k)
         on = k in used
-        box = FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h, boxstyle="round,pad=0.02,rounding_size=0.12",
+        box = FancyBboxPatch((x - _BOX_W / 2, y - _BOX_H / 2), _BOX_W, _BOX_H,
+                             boxstyle="round,pad=0.02,rounding_size=0.12",
                              facecolor=NODE_COLOR if on else IDLE_NODE_COLOR, edgecolor="#555555" if on else "#bbbbbb",
                              linewidth=1.0, zorder=3, gid=f"node:{k}")
         ax.add_patch(box)
@@ -262,42 +392,47 @@ def draw_circuit(pm, prune_scores: Mapping[str, torch.Tensor], n_edges: Optional
         if on and getattr(rep[k], "head_idx", None) is not None and any(_port(e.dest) for e in edges
                                                                          if node_key(e.dest) == k):
             for letter, off in (("q", 0.2), ("k", 0.0), ("v", -0.2)):
-                ax.text(x - box_w / 2 + 0.08, y + off, letter, ha="left", va="center", fontsize=5.5,
+                ax.text(x - _BOX_W / 2 + 0.08, y + off, letter, ha="left", va="center", fontsize=5.5,
                         color="#666666", zorder=4)
 
     # edges, weakest first so that the strong ones lie on top
     max_abs = _max_finite(edges)
     show_labels = (len(edges) <= 12) if label_edges is None else bool(label_edges)
-    port_off = {"Q": 0.2, "K": 0.0, "V": -0.2, None: 0.0}
+    routes = {}
     for rank, e in reversed(list(enumerate(edges))):
         (x1, y1), (x2, y2) = xy(node_key(e.src)), xy(node_key(e.dest))
-        y2 = y2 + port_off[_port(e.dest)]
-        start, end = (x1 + box_w / 2, y1), (x2 - box_w / 2, y2)
-        gap = pos[node_key(e.dest)][0] - pos[node_key(e.src)][0]
-        rad = 0.0 if gap <= 1 else (0.18 if (rank % 2 == 0) else -0.18)
+        c1, c2 = pos[node_key(e.src)][0], pos[node_key(e.dest)][0]
+        lane = 0.08 * ((rank % 3) - 1)  # parallel edges through one gap side by side
+        verts, codes = edge_route((x1 + _BOX_W / 2, y1), (x2 - _BOX_W / 2, y2 + _PORT_OFF[_port(e.dest)]),
+                                  [(c * _DX, boxes_in_col.get(c, [])) for c in range(c1 + 1, c2)], lane)
         colour = POS_COLOR if e.score > 0 else NEG_COLOR
-        arrow = FancyArrowPatch(start, end, connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>",
+        arrow = FancyArrowPatch(path=Path(verts, codes), arrowstyle="-|>",
                                 mutation_scale=6 + edge_width(e.score, max_abs), linewidth=edge_width(e.score, max_abs),
                                 color=colour, alpha=0.75, zorder=2 + (len(edges) - rank) / (len(edges) + 1),
-                                shrinkA=0, shrinkB=1, gid=f"edge:{e.name}")
+                                gid=f"edge:{e.name}")
         ax.add_patch(arrow)
-        if show_labels:
-            mx, my = (start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + rad * (end[0] - start[0]) * 0.5
-            ax.text(mx, my, _fmt_score(e.score), fontsize=6, color=colour, ha="center", va="center", zorder=5,
-                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+        routes[rank] = _samples(verts, codes)
 
     xs = [xy(k)[0] for k in pos]
     ys = [xy(k)[1] for k in pos]
-    ax.set_xlim(min(xs) - box_w, max(xs) + box_w)
+    ax.set_xlim(min(xs) - _BOX_W, max(xs) + _BOX_W)
     ax.set_ylim(min(ys) - 1.0, max(ys) + 0.8)
+    if show_labels and edges:
+        w, h = fig.get_size_inches()
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        spots = _label_spots([routes[r] for r in range(len(edges))], (w / (x1 - x0), h / (y1 - y0)))
+        for e, (lx, ly) in zip(edges, spots):
+            colour = POS_COLOR if e.score > 0 else NEG_COLOR
+            ax.text(lx, ly, _fmt_score(e.score), fontsize=6, color=colour, ha="center", va="center", zorder=5,
+                    gid=f"label:{e.name}", bbox=dict(boxstyle="round,pad=0.1", fc="white", ec=colour, lw=0.4,
+                                                     alpha=0.9))
     ax.set_aspect("auto")
     handles = [Line2D([], [], color=POS_COLOR, lw=3, label="score > 0"),
                Line2D([], [], color=NEG_COLOR, lw=3, label="score < 0")]
     ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=False, ncols=2)
-    n_total = pm.graph.n_edges
-    extra = " (summed over positions)" if pm.graph.seq_len is not None else ""
-    ax.set_title(title if title is not None else f"Circuit: top {len(edges)} of {n_total} edges by |score|{extra}",
-                 fontsize=10)
+    lines = ([title] if title else []) + [_size_title(len(edges), n_edges, pm.graph.n_edges, faithfulness,
+                                                      pm.graph.seq_len is not None)] + ([note] if note else [])
+    ax.set_title("\n".join(lines), fontsize=10)
     _save(fig, path)
     return fig
 

@@ -1,13 +1,14 @@
 """run_circuits: circuits read off prune scores, patched as the seed library patches them."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 import funcpatch as fp
 from funcpatch import algos
-from funcpatch.circuits import PatchType, circuit_masks, run_circuits
+from funcpatch.circuits import PatchType, circuit_masks, edge_ranks, run_circuits
 from funcpatch.data import PromptPairBatch
 from funcpatch.edge_counts import circuit_size_at
 
@@ -160,6 +161,64 @@ def test_ties_are_all_included_and_keyed_by_real_size(micro):
         vm = run_circuits(micro, batches, requested, scores, patch_type=patch_type, progress=False,
                           vmap_sizes=True, vmap_chunk_size=2)
         assert_outputs_equal(out, vm, atol=1e-12)
+
+
+def scores_in_graph_order(pm, values):
+    """PruneScores whose ``i``-th graph edge (``pm.graph.edges[i]``) scores ``values[i]``."""
+    out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in fp.init_state(pm).masks.items()}
+    for e, v in zip(pm.graph.edges, values):
+        out[e.dest.module_name][e.patch_idx] = v
+    return out
+
+
+@pytest.mark.parametrize("seq_len", [None, 3])
+def test_exact_sizes_break_ties_in_graph_order(micro, seq_len):
+    """exact_sizes=True: the circuit of k edges is the top k by |score|, ties in the order of
+    pm.graph.edges; infinite scores (ACDC's kept edges) first; outputs keyed by k."""
+    pm = fp.patchable(micro.model, seq_len=seq_len, slice_output="last_seq")
+    n = pm.n_edges
+    g = torch.Generator().manual_seed(5)
+    pool = torch.tensor([float("inf"), -float("inf"), 3.0, -3.0, 1.0, 0.0], dtype=torch.float64)
+    values = pool[torch.randint(0, len(pool), (n,), generator=g)].tolist()
+    scores = scores_in_graph_order(pm, values)
+    order = sorted(range(n), key=lambda i: -abs(values[i]))  # Python's sort is stable
+    ranks = edge_ranks(pm, scores)
+    assert [int(ranks[e.dest.module_name][e.patch_idx]) for e in pm.graph.edges] == \
+        [order.index(i) for i in range(n)]
+    batches = micro_batches(n_batches=1)
+    requested = [0, 1, 2, 5, n // 2, n - 1, n]
+    for patch_type in PatchType:
+        for c in requested:
+            masks, size = circuit_masks(pm, scores, c, patch_type, ranks=ranks)
+            on = {e for e in pm.graph.edges if float(e.prune_score(masks)) == 1.0}
+            circuit = {pm.graph.edges[i] for i in order[:c]}
+            assert size == c
+            assert on == (circuit if patch_type == PatchType.EDGE_PATCH else set(pm.graph.edges) - circuit)
+        out = run_circuits(pm, batches, requested, scores, patch_type=patch_type, progress=False, exact_sizes=True)
+        assert list(out) == requested
+        vm = run_circuits(pm, batches, requested, scores, patch_type=patch_type, progress=False, exact_sizes=True,
+                          vmap_sizes=True)
+        assert_outputs_equal(out, vm, atol=1e-12)
+        b = batches[0]
+        for c in (1, n // 2):  # the same output as patching those edges by hand
+            circuit = [pm.graph.edges[i] for i in order[:c]]
+            if patch_type == PatchType.EDGE_PATCH:
+                state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, b.clean), circuit)
+                x = b.corrupt
+            else:
+                rest = [e for e in pm.graph.edges if e not in circuit]
+                state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, b.corrupt), rest)
+                x = b.clean
+            with torch.no_grad():
+                ref = fp.patched_forward(pm, state, x)[:, -1]
+            torch.testing.assert_close(out[c][b.key], ref, rtol=1e-12, atol=1e-12)
+    # the default keeps the tie rule: every infinite score is in the "1-edge" circuit
+    n_inf = sum(math.isinf(v) for v in values)
+    assert n_inf > 1
+    assert list(run_circuits(pm, batches, [1], scores, progress=False)) == [n_inf]
+    with pytest.raises(ValueError, match="NaN"):
+        edge_ranks(pm, {**scores, pm.graph.dest_modules[0].module_name: torch.full_like(
+            scores[pm.graph.dest_modules[0].module_name], float("nan"))})
 
 
 def test_vmapped_equals_sequential_token_graph_and_mean_ablation(micro):

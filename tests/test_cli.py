@@ -66,18 +66,37 @@ def check_outputs(out_dir: Path, stdout: str):
     table = summary["table"]
     assert [r["percent"] for r in table] == list(metrics.MIB_PERCENTAGES)
     assert [r["edges"] for r in table] == metrics.mib_edge_counts(n)
+    assert all(r["circuit_edges"] == r["edges"] for r in table)  # exact sizes
+    assert summary["task_check"] == {"ok": True, "problem": None}
     assert table[-1]["faithfulness"] == pytest.approx(1.0)
-    zero = [r for r in table if r["circuit_edges"] == 0]
-    assert all(r["faithfulness"] == pytest.approx(0.0, abs=1e-6) for r in zero)
+    zero = [r for r in table if r["edges"] == 0]
+    assert zero and all(r["faithfulness"] == pytest.approx(0.0, abs=1e-6) for r in zero)
     ps, fs = [r["percent"] for r in table], [r["faithfulness"] for r in table]
     assert summary["cpr"] == pytest.approx(metrics.cpr(ps, fs)) and summary["cmd"] == pytest.approx(metrics.cmd(ps, fs))
-    # scores and the edge list agree, sorted by |score|
+    # scores and the edge list agree, sorted by |score|; scores are JSON numbers or null
+    from safetensors import safe_open
     from safetensors.torch import load_file
     scores = load_file(str(out_dir / "scores.safetensors"))
     edges = json.loads((out_dir / "edges.json").read_text())
     assert len(edges) == n == sum(v.numel() for v in scores.values())
-    mags = [math.inf if isinstance(e["score"], str) else abs(e["score"]) for e in edges]
+    assert all(isinstance(e["score"], float) or (e["score"] is None and e["nonfinite"] in ("inf", "-inf", "nan"))
+               for e in edges)
+    mags = [math.inf if e["score"] is None else abs(e["score"]) for e in edges]
     assert mags == sorted(mags, reverse=True)
+    # the file has the usual permissions, and names the sources along the last axis
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out_dir / "scores.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    with safe_open(str(out_dir / "scores.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ablation"] == summary["ablation"]
+    for k, v in scores.items():
+        srcs = json.loads(meta[f"srcs:{k}"])
+        assert len(srcs) == v.shape[-1]
+    assert {e["src"] for e in edges} == {s for k in scores for s in json.loads(meta[f"srcs:{k}"])}
+    # a complete set: no marker, no temporary folder left next to it
+    assert not (out_dir / cli.INCOMPLETE_MARKER).exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(cli.OUTPUT_FILES)
     assert [e["rank"] for e in edges] == list(range(1, n + 1))
     assert all(e["edge"] == f"{e['src']}->{e['dest']}" for e in edges)
     top = sorted(torch.cat([v.reshape(-1) for v in scores.values()]).abs().tolist(), reverse=True)
@@ -105,7 +124,7 @@ def test_discover_in_process(eap_run):
     summary = check_outputs(out, stdout)
     assert summary["algo"] == "eap" and summary["n_train"] == summary["n_test"] == 16
     assert summary["drawn_edges"] == 12
-    assert summary["model"] == "induction" and summary["ablation"] == "RESAMPLE"
+    assert summary["model"] == "induction" and summary["ablation"] == "resample"  # as the CLI names it
 
 
 @needs_bridge
@@ -117,7 +136,7 @@ def test_discover_local_folder_and_ablation_case(tmp_path):
                                      "--prompts", "8", "--batch-size", "8", "--out", str(out)])
     assert code == 0, stderr
     summary = check_outputs(out, stdout)
-    assert summary["ablation"] == "ZERO" and summary["dataset"].endswith("dataset.json")
+    assert summary["ablation"] == "zero" and summary["dataset"].endswith("dataset.json")
     assert "[1/4]" in stderr and "Traceback" not in stderr  # status lines without --quiet
 
 
@@ -149,6 +168,9 @@ def test_discover_subprocess_defaults(tmp_path):
     (["discover", "--edges", "0"], ["--edges"]),
     (["discover", "--prompts", "1"], ["--prompts"]),
     (["discover", "--samples", "0"], ["--samples"]),
+    (["discover", "--sp-epochs", "0"], ["--sp-epochs", ">= 1"]),
+    (["discover", "--sp-lambda", "-1"], ["--sp-lambda", ">= 0"]),
+    (["discover", "--sp-lambda", "nan"], ["--sp-lambda", "finite"]),
     (["discover", "--bogus-flag"], ["unrecognized"]),
 ])
 def test_bad_arguments_one_line(argv, needles):
@@ -240,3 +262,192 @@ def test_ablation_names_any_case():
 def test_algorithms_listed():
     algos = cli.available_algorithms()
     assert {"eap", "eap_ig", "acdc", "exact"} <= set(algos)
+
+
+# ------------------------------------------------------------------------------ issue 11
+
+
+def _discover(out, *args):
+    code, stdout, stderr = run_main(["discover", "--out", str(out), "--quiet", *args])
+    assert code == 0, stderr
+    return stdout, json.loads((Path(out) / "summary.json").read_text())
+
+
+@needs_bridge
+@pytest.mark.parametrize("ablation", [a.lower() for a in __import__("funcpatch").AblationType.__members__])
+def test_every_ablation_type_through_the_cli(tmp_path, ablation):
+    """The tokenwise-mean types used to crash after scoring (a list where a
+    PromptDataLoader was needed)."""
+    stdout, summary = _discover(tmp_path / "o", "--algo", "EAP", "--ablation", ablation.upper(), "--prompts", "4",
+                                "--batch-size", "4", "--edges", "3")
+    assert summary["ablation"] == ablation and summary["algo"] == "eap"
+    assert all(r["circuit_edges"] == r["edges"] for r in summary["table"])
+    assert "CPR" in stdout or "task check failed" in stdout
+
+
+@needs_bridge
+def test_discover_circuits_have_exactly_their_size(tmp_path):
+    """activation_magnitude gives every destination of a source the same score: ties. Each
+    row's logit difference is that of the circuit of exactly its first `edges` edges in
+    edges.json's rank order (evaluated here with explicit 0/1 scores), and ties are
+    ranked in the graph's edge order."""
+    import funcpatch as fp
+    from funcpatch.datasets import load_datasets_from_json
+
+    out = tmp_path / "o"
+    _, summary = _discover(out, "--algo", "activation_magnitude", "--prompts", "8", "--batch-size", "8")
+    edges = json.loads((out / "edges.json").read_text())
+    hf, tok = zoo.load_hf("induction")
+    pm = fp.patchable(fp.models.from_hf(hf, tok), slice_output="last_seq")
+    order = {(e.name, e.seq_idx): i for i, e in enumerate(pm.graph.edges)}
+    for a, b in zip(edges, edges[1:]):  # ties in graph order
+        if a["score"] == b["score"]:
+            assert order[(a["edge"], None)] < order[(b["edge"], None)]
+    tied = [r["edges"] for r in summary["table"] if 0 < r["edges"] < len(edges)
+            and edges[r["edges"] - 1]["score"] == edges[r["edges"]]["score"]]
+    assert tied  # the test covers sizes that cut through a group of tied scores
+    # the drawn circuit (no --edges): the smallest evaluated one with faithfulness >= 0.8
+    good = [r for r in summary["table"] if r["edges"] > 0 and r["faithfulness"] >= 0.8]
+    assert summary["drawn_edges"] == good[0]["edges"]
+    assert summary["drawn_faithfulness"] == good[0]["faithfulness"]
+    _, test = load_datasets_from_json(tok, zoo.dataset_path("induction"), batch_size=8, train_test_size=(8, 8),
+                                      random_seed=0)
+    for c in tied:
+        top = fp.algos.ground_truth(pm, [r["edge"] for r in edges[:c]])
+        outs = fp.run_circuits(pm, test, [c], top, patch_type="tree_patch", progress=False)
+        assert list(outs) == [c]
+        ld = torch.cat([metrics.logit_diff(outs[c][b.key], b.answers, b.wrong_answers, per_prompt=True)
+                        for b in test]).mean()
+        row = next(r for r in summary["table"] if r["edges"] == c)
+        assert row["logit_diff"] == pytest.approx(float(ld), abs=1e-4)
+
+
+def test_task_check_rule():
+    assert cli.task_check(20.4, -20.9) is None
+    assert cli.task_check(2.0, 0.0) is None  # gap 2 >= 10% of 2
+    assert "does not beat" in cli.task_check(0.017, 0.021)  # the random model of the issue
+    assert "does not beat" in cli.task_check(1.0, 1.0)
+    assert "less than 10%" in cli.task_check(10.0, 9.5)  # gap 0.5 < 1.95
+
+
+@needs_bridge
+def test_task_check_failure_is_reported_not_a_cpr(tmp_path):
+    """Answers and wrong answers swapped: the full model is worse than the empty circuit."""
+    data = json.loads(zoo.dataset_path("induction").read_text())
+    for p in data["prompts"]:
+        p["answers"], p["wrong_answers"] = p["wrong_answers"], p["answers"]
+    path = tmp_path / "swapped.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "o"
+    stdout, summary = _discover(out, "--algo", "random", "--dataset", str(path), "--prompts", "8",
+                                "--batch-size", "8")
+    assert summary["m_full"] < summary["m_empty"]
+    assert summary["task_check"]["ok"] is False and "does not beat" in summary["task_check"]["problem"]
+    assert summary["cpr"] is None and summary["cmd"] is None
+    assert all(r["faithfulness"] is None for r in summary["table"])
+    assert "task check failed" in stdout and not any(line.startswith("CPR") for line in stdout.splitlines())
+    assert (out / "circuit.png").is_file() and not (out / "faithfulness.png").exists()
+
+
+def test_out_checked_before_any_work(tmp_path, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_work)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code, _, err = run_main(["discover", "--out", str(a_file / "sub"), "--quiet"])
+    assert_one_line_error(code, err, "--out", "not a folder")
+    code, _, err = run_main(["discover", "--out", "/proc/funcpatch-no-such/out", "--quiet"])
+    assert_one_line_error(code, err, "--out", "not writable")
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        code, _, err = run_main(["discover", "--out", str(ro / "out"), "--quiet"])
+        assert_one_line_error(code, err, "--out", "not writable")
+
+
+@needs_bridge
+def test_interrupted_run_leaves_the_previous_set_or_a_marker(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    args = ["--algo", "random", "--prompts", "4", "--batch-size", "4", "--edges", "3"]
+    _discover(out, *args)
+    before = {f: (out / f).read_bytes() for f in cli.OUTPUT_FILES}
+
+    from funcpatch import viz
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:  # fails while writing: the previous set stays, complete
+        m.setattr(viz, "plot_faithfulness", broken)
+        code, _, err = run_main(["discover", "--out", str(out), "--quiet", *args, "--seed", "1"])
+    assert code == 1 and "disk full" in err
+    assert {f: (out / f).read_bytes() for f in cli.OUTPUT_FILES} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.OUTPUT_FILES)  # no temporary folder left
+
+    calls = []
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:  # interrupted while moving the files in: marked
+        m.setattr(cli.os, "replace", interrupted)
+        code, _, err = run_main(["discover", "--out", str(out), "--quiet", *args, "--seed", "1"])
+    assert code == 130
+    assert "interrupted" in (out / cli.INCOMPLETE_MARKER).read_text()
+    _discover(out, *args)  # the next complete run removes the marker
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.OUTPUT_FILES)
+
+
+@needs_bridge
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["induction", "ioi"])
+def test_subnetwork_probing_beats_random(tmp_path, model):
+    """Issue 11: from the CLI, subnetwork probing's CPR was random's (0.250 on induction)."""
+    small = ["--model", model, "--prompts", "16", "--batch-size", "16", "--edges", "5"]
+    _, sp = _discover(tmp_path / "sp", "--algo", "subnetwork_probing", *small)
+    _, rnd = _discover(tmp_path / "rnd", "--algo", "random", *small)
+    assert sp["cpr"] >= rnd["cpr"] + 0.2, (sp["cpr"], rnd["cpr"])
+
+
+def test_help_describes_each_algorithm_and_algo_any_case():
+    code, out, _ = run_main(["discover", "--help"])
+    assert code == 0
+    for a in cli.available_algorithms().values():
+        assert a.help in " ".join(out.split()), a.name
+    algos = cli.available_algorithms()
+    for name in algos:
+        for variant in (name, name.upper(), name.title(), name.replace("_", "-")):
+            assert cli._algo_name(variant, algos) == name
+
+
+def test_zoo_prints_real_paths():
+    code, out, _ = run_main(["zoo"])
+    assert code == 0
+    paths = [Path(tok) for line in out.splitlines() for tok in line.split() if tok.startswith("/")]
+    assert len(paths) == 2 * len(zoo.list_models())
+    assert all(p.exists() for p in paths)
+    for name in zoo.list_models():
+        assert zoo.model_dir(name).resolve() in paths and zoo.dataset_path(name).resolve() in paths
+
+
+def test_edges_json_infinite_scores_are_null_and_keep_their_rank():
+    """ACDC scores its kept edges inf: JSON has no infinity, so null (never the string "inf")."""
+    import funcpatch as fp
+    pm = fp.patchable(fp.MicroModel(n_layers=2))
+    scores = {k: torch.full_like(v, 0.5) for k, v in fp.init_state(pm).masks.items()}
+    e_inf, e_neg, e_big = pm.graph.edges[5], pm.graph.edges[2], pm.graph.edges[0]
+    scores[e_inf.dest.module_name][e_inf.patch_idx] = math.inf
+    scores[e_neg.dest.module_name][e_neg.patch_idx] = -math.inf
+    scores[e_big.dest.module_name][e_big.patch_idx] = -3.0
+    rows = json.loads(json.dumps(cli._edges_json(pm, scores), allow_nan=False))
+    assert [r["rank"] for r in rows] == list(range(1, pm.n_edges + 1))
+    assert [(r["edge"], r["score"], r.get("nonfinite")) for r in rows[:3]] == [
+        (e_neg.name, None, "-inf"), (e_inf.name, None, "inf"), (e_big.name, -3.0, None)]  # ties: graph order
+    assert all(r["score"] == 0.5 for r in rows[3:])

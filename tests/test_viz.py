@@ -90,10 +90,12 @@ def test_draw_circuit_saves_png_and_svg(micro, tmp_path):
 def test_draw_circuit_transformer_ports_and_titles(any_lm):
     pm = fp.patchable(any_lm)
     scores = _scores(pm, seed=1)
-    fig = viz.draw_circuit(pm, scores, n_edges=12, title="my circuit")
+    fig = viz.draw_circuit(pm, scores, n_edges=12, title="my circuit", faithfulness=0.8312, note="a note")
     arrows = _edge_arrows(fig)
     assert len(arrows) == 12
-    assert fig.axes[0].get_title() == "my circuit"
+    # the title states the circuit's size and faithfulness
+    assert fig.axes[0].get_title() == (f"my circuit\nCircuit: top 12 of {pm.n_edges} edges by |score|; "
+                                       "faithfulness 0.83\na note")
     # Q/K/V destinations are drawn on their head: no node named "A0.0.Q"
     nodes = _node_gids(fig)
     assert not any(n.endswith((".Q", ".K", ".V")) for n in nodes)
@@ -108,7 +110,7 @@ def test_draw_circuit_transformer_ports_and_titles(any_lm):
                 e = pm.graph.edge(name)
                 big[e.dest.module_name][e.patch_idx] = 1.0
                 a = _edge_arrows(viz.draw_circuit(pm, big, n_edges=1))[name]
-                ends[x] = a._posA_posB[1][1]
+                ends[x] = a._path_original.vertices[-1][1]  # the end of the drawn curve
         if len(ends) == 3:
             assert ends["Q"] > ends["K"] > ends["V"]
 
@@ -240,3 +242,83 @@ def test_draw_seq_graph_plain_graph(micro):
     pytest.importorskip("plotly")
     fig = viz.draw_seq_graph(micro, _scores(micro), n_edges=6)
     assert len(fig.data) == 1 and len(fig.data[0].link.value) == 6
+
+
+# ------------------------------------------------------------------------------ legibility
+
+
+def _node_boxes(fig):
+    """node name -> (x0, y0, x1, y1) of its box, in data coordinates."""
+    out = {}
+    for p in fig.axes[0].patches:
+        gid = p.get_gid() or ""
+        if gid.startswith("node:"):
+            b = p.get_bbox()
+            out[gid[len("node:"):]] = (b.x0, b.y0, b.x1, b.y1)
+    return out
+
+
+def _path_points(arrow, per_piece=40):
+    """Dense points along an arrow's drawn path (data coordinates), every Bézier piece
+    evaluated independently of funcpatch.viz."""
+    import numpy as np
+    pts = []
+    for seg, _ in arrow.get_path().iter_bezier():
+        pts.append(seg(np.linspace(0.0, 1.0, per_piece)))
+    return np.concatenate(pts)
+
+
+def _ioi_pm():
+    from funcpatch import zoo
+    hf, tok = zoo.load_hf("ioi")
+    return fp.patchable(fp.models.from_hf(hf, tok))
+
+
+@pytest.fixture(scope="module")
+def ioi_pm():
+    from conftest import has_bridge
+    if not has_bridge():
+        pytest.skip("no TransformerBridge")
+    return _ioi_pm()
+
+
+@pytest.mark.parametrize("n_edges", [10, 60, None])
+def test_no_edge_passes_behind_an_unrelated_box(ioi_pm, n_edges):
+    """Every drawn edge path (its Bézier curves sampled densely) stays out of every node
+    box except its own source's and destination's (issue 11: "Resid Start -> A1.1.V read
+    as MLP 0 -> A1.1")."""
+    scores = _scores(ioi_pm, seed=3)
+    fig = viz.draw_circuit(ioi_pm, scores, n_edges=n_edges)
+    boxes = _node_boxes(fig)
+    arrows = _edge_arrows(fig)
+    assert len(arrows) == (n_edges or ioi_pm.n_edges)
+    spans_columns = 0
+    for name, arrow in arrows.items():
+        e = ioi_pm.graph.edge(name)
+        own = {viz.node_key(e.src), viz.node_key(e.dest)}
+        pts = _path_points(arrow)
+        for node, (x0, y0, x1, y1) in boxes.items():
+            if node in own:
+                continue
+            inside = (pts[:, 0] > x0) & (pts[:, 0] < x1) & (pts[:, 1] > y0) & (pts[:, 1] < y1)
+            assert not inside.any(), f"edge {name} passes behind node {node}"
+        spans_columns += abs(e.src.layer - e.dest.layer) > 0 and "Resid" in name
+    assert spans_columns > 0  # long edges were drawn, so routing was exercised
+
+
+def test_each_label_sits_on_its_own_edge(ioi_pm):
+    scores = _scores(ioi_pm, seed=4)
+    fig = viz.draw_circuit(ioi_pm, scores, n_edges=12)
+    arrows = _edge_arrows(fig)
+    labels = {t.get_gid()[len("label:"):]: t for t in fig.axes[0].texts if (t.get_gid() or "").startswith("label:")}
+    assert set(labels) == set(arrows)
+    by_name = _scores_by_name(ioi_pm, scores)
+    import numpy as np
+    paths = {n: _path_points(a, per_piece=200) for n, a in arrows.items()}
+    for name, text in labels.items():
+        assert text.get_text() == f"{by_name[name]:.3g}"
+        p = np.array(text.get_position())
+        d_own = np.hypot(*(paths[name] - p).T).min()
+        d_other = min(np.hypot(*(q - p).T).min() for n, q in paths.items() if n != name)
+        assert d_own < 0.02, (name, d_own)  # on its own curve
+        assert d_other > d_own, name  # and nearer to it than to any other edge
