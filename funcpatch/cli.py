@@ -430,7 +430,7 @@ def discover(args) -> DiscoverResult:
     _log(quiet, f"[1/4] loading {args.model} ({'zoo' if kind == 'zoo' else 'folder'})")
     hf, tok = load_model(args.model, kind, folder)
     bridge = fp.models.from_hf(hf, tok)
-    pm = fp.patchable(bridge, slice_output="last_seq")
+    pm = fp.patchable(bridge, slice_output="last_seq", grouped_kv=args.grouped_kv)
 
     n_prompts = len(read_dataset_json(dataset)["prompts"])
     if n_prompts < 2:
@@ -513,6 +513,7 @@ def _write_outputs(staging: Path, pm, r: DiscoverResult, name: str, args, ablati
     faith = r.faithfulness if r.faithfulness is not None else [None] * len(r.edge_counts)
     summary = {
         "model": str(args.model), "dataset": str(dataset), "algo": args.algo, "ablation": ablation_name,
+        "grouped_kv": bool(args.grouped_kv),
         "samples": args.samples if args.algo.startswith("eap_ig") else None, "seed": args.seed,
         "n_edges": r.n_edges, "n_train": n_train, "n_test": n_test, "patch_type": "TREE_PATCH",
         "metric": "logit_diff", "m_full": r.m_full, "m_empty": r.m_empty,
@@ -604,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--edges", type=int, default=None,
                    help=f"edges drawn in circuit.png (default: the smallest evaluated circuit with "
                         f"faithfulness >= {DRAW_FAITHFULNESS}, else the most faithful one)")
+    d.add_argument("--grouped-kv", action="store_true",
+                   help="grouped-query attention: one K and one V destination per key/value head (A{l}.kv{g}.K/V) "
+                        "instead of one per query head (MIB's graph, the default)")
     d.add_argument("--samples", type=int, default=5, help="integration steps of eap_ig (default: %(default)s)")
     d.add_argument("--sp-epochs", type=int, default=20,
                    help="training epochs of subnetwork_probing (default: %(default)s)")
