@@ -58,6 +58,18 @@ def toks(seed, batch=3):
     return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
+ANSWERS, WRONG = torch.tensor([[1], [2], [3], [4]]), torch.tensor([[5], [6], [7], [8]])
+
+
+def task(name, grouped, seed):
+    """``(pm, clean, corrupt, loader)``: 4 prompt pairs scored at the last position."""
+    clean, corrupt = toks(seed, batch=4), toks(seed + 1, batch=4)
+    pm = fp.patchable(model(name), grouped_kv=grouped, slice_output="last_seq")
+    loader = fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, ANSWERS, WRONG), seq_len=SEQ, diverge_idx=0,
+                                 batch_size=4)
+    return pm, clean, corrupt, loader
+
+
 @torch.no_grad()
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max()) if a.shape == b.shape else float("inf")
@@ -228,12 +240,8 @@ def test_gemma2_head_edges_carry_the_change_in_the_normalized_output():
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("name", ["llama3-gqa", "qwen3", "gemma2", "gpt_neox", "mistral", "qwen2"])
 def test_eap_equals_torch_func_grad_at_masks_zero(name, grouped):
-    hf = model(name)
-    clean, corrupt = toks(10, batch=4), toks(11, batch=4)
-    pm = fp.patchable(hf, grouped_kv=grouped, slice_output="last_seq")
-    ans, wrong = torch.tensor([[1], [2], [3], [4]]), torch.tensor([[5], [6], [7], [8]])
-    loader = fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, ans, wrong), seq_len=SEQ, diverge_idx=0,
-                                 batch_size=4)
+    pm, clean, corrupt, loader = task(name, grouped, 10)
+    ans, wrong = ANSWERS, WRONG
     scores = fp.algos.eap(pm, loader, progress=False)
     state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, corrupt))
 
@@ -306,11 +314,7 @@ def test_every_algorithm_runs_on_both_graph_forms(name, grouped, tmp_path):
     """Every algorithm, run_circuits and the drawing on the grouped graph form and on
     parallel blocks (ACDC's resumed evaluations: test_resumed_forward_equals_the_whole_forward)."""
     hf = model(name)
-    clean, corrupt = toks(14, batch=4), toks(15, batch=4)
-    pm = fp.patchable(hf, grouped_kv=grouped, slice_output="last_seq")
-    ans, wrong = torch.tensor([[1], [2], [3], [4]]), torch.tensor([[5], [6], [7], [8]])
-    loader = fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, ans, wrong), seq_len=SEQ, diverge_idx=0,
-                                 batch_size=4)
+    pm, clean, corrupt, loader = task(name, grouped, 14)
     n = pm.graph.n_edges
     results = {
         "eap_ig": fp.algos.eap_ig(pm, loader, samples=2, progress=False),
