@@ -1,0 +1,14 @@
+"""The field's circuit formats and evaluation: EAP-IG and MIB's circuit track.
+
+- :func:`save` / :func:`load`: EAP-IG/MIB circuit files (JSON, ``.pt``) and auto-circuit's
+  PruneScores files (:mod:`funcpatch.mib.formats`);
+- :func:`evaluate`: MIB's ``evaluate_area_under_curve`` (:mod:`funcpatch.mib.evaluation`).
+"""
+
+from funcpatch.mib.evaluation import FRACTIONS, INTERVENTIONS, METRICS, MibResults, evaluate, mib_circuit
+from funcpatch.mib.formats import (FORMATS, MibGraphError, check_mib_graph, from_mib_name, load, mib_cfg, save,
+                                   to_mib_name)
+
+__all__ = ["FORMATS", "FRACTIONS", "INTERVENTIONS", "METRICS", "MibGraphError", "MibResults", "evaluate",
+           "mib_circuit", "check_mib_graph", "from_mib_name", "load", "mib_cfg", "save",
+           "to_mib_name"]
