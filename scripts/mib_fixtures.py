@@ -142,6 +142,18 @@ def theirs():
     out["eapig_edges"] = _edges(g)
     out["eapig_n_in_graph"] = int(g.in_graph.sum())
 
+    # a hand-made case for the prune: a connected chain and dangling edges, one two steps deep
+    case = {"input->a0.h0<q>": 5., "a0.h0->m0": -4., "m0->logits": 3., "input->a1.h2<v>": 2.5,
+            "a0.h3->a1.h0<k>": 2., "input->a0.h5<v>": 1.2, "a0.h5->a1.h5<q>": 1.1}
+    graph = Graph.from_model(model)
+    for name, v in case.items():
+        graph.edges[name].score = v
+    graph.apply_topn(len(case), absolute=True, prune=True)
+    after_topn = sorted(n for n, e in graph.edges.items() if e.in_graph)
+    graph.prune()  # as evaluate_graph does before it runs the circuit
+    out["prune_case"] = {"scores": case, "n": len(case), "after_topn": after_topn,
+                         "evaluated": sorted(n for n, e in graph.edges.items() if e.in_graph)}
+
     runs = [dict(intervention=i) for i in INTERVENTIONS] + [
         dict(intervention="patching", absolute=False), dict(intervention="zero", log_scale=True)]
     out["evaluate"] = []
@@ -164,7 +176,7 @@ def theirs():
             graph = loader(str(path))
             out["ours_read"][f"{loader.__module__}.{loader.__qualname__}({suffix})"] = {
                 "edges": _edges(graph), "nodes_in_graph": graph.nodes_in_graph.tolist()}
-    (OUT / "theirs.json").write_text(json.dumps(out, indent=1))
+    (OUT / "theirs.json").write_text(json.dumps(out))
 
 
 if __name__ == "__main__":
