@@ -32,7 +32,9 @@ INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
 #: :data:`funcpatch.metrics.MIB_PERCENTAGES` are the same in percent)
 FRACTIONS = (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1)
 #: MIB's metrics at the last position: answer minus wrong answer, of the logits or the probabilities
-METRICS = {"logit_diff": "logit", "prob_diff": "prob"}
+#: (mean over a prompt's answers); ``prob_mass_diff``: the summed probability of the answers minus
+#: that of the wrong answers (EAP-IG/MIB's greater-than metric, with read_dataset_csv's year answers)
+METRICS = ("logit_diff", "prob_diff", "prob_mass_diff")
 Metric = Union[str, Callable[[torch.Tensor, object], torch.Tensor]]
 
 
@@ -114,13 +116,20 @@ def _logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _prob_mass_diff(logits: torch.Tensor, batch) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    return torch.stack([p[a].sum() - p[w].sum() for p, a, w in zip(probs, batch.answers, batch.wrong_answers)])
+
+
 def _metric_fn(metric: Metric) -> Callable[[torch.Tensor, object], torch.Tensor]:
     if callable(metric):
         return metric
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid: {sorted(METRICS)} or a callable "
+        raise ValueError(f"unknown metric {metric!r}; valid: {list(METRICS)} or a callable "
                          "(last-position logits [batch, vocab], batch) -> [batch]")
-    kind = METRICS[metric]
+    if metric == "prob_mass_diff":
+        return _prob_mass_diff
+    kind = "logit" if metric == "logit_diff" else "prob"
     return lambda logits, batch: answer_diff(logits, batch.answers, batch.wrong_answers, kind, per_prompt=True)
 
 
@@ -215,7 +224,8 @@ def evaluate(pm, dataloader, scores: Mapping[str, torch.Tensor], intervention: s
             keep the position embedding (funcpatch's Resid Start patch value is the
             position embedding plus the ablated token embedding).
         metric: ``"logit_diff"`` / ``"prob_diff"`` (answer minus wrong answer, mean over
-            each prompt's answers), or ``fn(logits [batch, vocab], batch) -> [batch]``.
+            each prompt's answers), ``"prob_mass_diff"`` (summed probabilities: MIB's
+            greater-than), or ``fn(logits [batch, vocab], batch) -> [batch]``.
 
     Returns:
         :class:`MibResults`: ``(weighted_edge_counts, area_under, area_from_1, average,
