@@ -332,3 +332,16 @@ def test_eap_ig_endpoint_is_checked(ioi):
         fp.algos.eap_ig(pm, evals, samples=2, variant="inputs", endpoint="middle", progress=False)
     with pytest.raises(ValueError, match="endpoint applies to variant='inputs'"):
         fp.algos.eap_ig(pm, evals, samples=2, variant="mask", endpoint="corrupt", progress=False)
+
+
+def test_evaluate_circuits_of_given_binary_circuits(ioi):
+    """MIB's circuits given as binary masks (a submission of circuits) score as MIB scored them."""
+    pm, evals, _ = ioi
+    scores, _ = fp.mib.load(pm, DATA / "eapig.json")
+    run = THEIRS["evaluate"][0]
+    assert run["kwargs"] == {"intervention": "patching"}
+    circuits = [fp.mib.mib_circuit(pm, scores, int(p * pm.graph.n_edges)) for p in fp.mib.FRACTIONS]
+    res = fp.mib.evaluate_circuits(pm, evals, circuits[::-1])  # any order
+    assert res.weighted_edge_counts == run["weighted_edge_counts"]
+    assert res.faithfulnesses == pytest.approx(run["faithfulnesses"], abs=1e-4)
+    assert res.fractions == tuple(c / pm.graph.n_edges for c in run["weighted_edge_counts"])

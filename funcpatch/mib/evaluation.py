@@ -23,7 +23,7 @@ from funcpatch.mib.formats import _edge_cells, _node_lists, check_mib_graph, mib
 from funcpatch.patches import RecordPatch
 from funcpatch.state import init_state, patch_mode
 
-__all__ = ["FRACTIONS", "INTERVENTIONS", "METRICS", "MibResults", "evaluate", "mib_circuit"]
+__all__ = ["FRACTIONS", "INTERVENTIONS", "METRICS", "MibResults", "evaluate", "evaluate_circuits", "mib_circuit"]
 
 #: MIB's interventions: ``patching`` (the corrupt prompts' values), ``zero``, ``mean`` and
 #: ``mean-positional`` (means over ``intervention_dataloader``'s clean prompts)
@@ -240,8 +240,48 @@ def evaluate(pm, dataloader, scores: Mapping[str, torch.Tensor], intervention: s
     not a per-source mean. Agreement measured on the zoo's ioi model against MIB's code:
     tests/test_mib.py, to 1e-4.
     """
-    check_mib_graph(pm)
     check_prune_scores(pm, scores)
+    n_edges = pm.graph.n_edges
+    circuits = [mib_circuit(pm, scores, int(p * n_edges), absolute) for p in FRACTIONS]
+    return _curve(pm, dataloader, mib_circuit(pm, scores, 0, absolute), circuits, FRACTIONS, intervention,
+                  log_scale, metric, intervention_dataloader)
+
+
+def evaluate_circuits(pm, dataloader, circuits, intervention: str = "patching", log_scale: bool = False,
+                      metric: Metric = "logit_diff", intervention_dataloader=None) -> MibResults:
+    """:func:`evaluate` for given binary circuits (a MIB submission of circuits, not scores).
+
+    Args:
+        circuits: bool masks (dest module -> ``[heads?, n_in_srcs]``, True = in the
+            circuit), e.g. the in-graph flags :func:`funcpatch.mib.load` returns; each is
+            pruned as MIB's evaluation prunes, then evaluated.
+
+    Returns:
+        :class:`MibResults` whose ``fractions`` are the pruned circuits' edge fractions,
+        sorted (CPR and CMD run over those, not over MIB's fixed fractions).
+    """
+    check_mib_graph(pm)
+    if not circuits:
+        raise ValueError("circuits is empty: give at least one in-graph mask dict")
+    pruned = []
+    for c in circuits:
+        check_prune_scores(pm, c)
+        pruned.append(mib_circuit(pm, {k: v.float() for k, v in c.items()}, int(sum(int(v.sum()) for v in c.values())),
+                                  absolute=False))
+    sizes = [sum(int(v.sum()) for v in c.values()) for c in pruned]
+    order = sorted(range(len(pruned)), key=lambda i: sizes[i])
+    fractions = tuple(sizes[i] / pm.graph.n_edges for i in order)
+    if log_scale and fractions[0] == 0:
+        raise ValueError("log_scale needs circuits with at least one edge (log of the fraction 0)")
+    empty = {k: torch.zeros_like(v) for k, v in pruned[0].items()}
+    return _curve(pm, dataloader, empty, [pruned[i] for i in order], fractions, intervention, log_scale, metric,
+                  intervention_dataloader)
+
+
+def _curve(pm, dataloader, empty_circuit, circuits, fractions, intervention, log_scale, metric,
+           intervention_dataloader) -> MibResults:
+    """Faithfulness of each circuit (against the full model and ``empty_circuit``), and the areas."""
+    check_mib_graph(pm)
     if intervention not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {intervention!r}; valid: {list(INTERVENTIONS)}")
     metric_fn = _metric_fn(metric)
@@ -271,13 +311,9 @@ def evaluate(pm, dataloader, scores: Mapping[str, torch.Tensor], intervention: s
             return float(torch.cat(values).mean())
 
         baseline = score(None)
-        empty = score(mib_circuit(pm, scores, 0, absolute))
-        n_edges = pm.graph.n_edges
-        counts, faith = [], []
-        for p in FRACTIONS:
-            circuit = mib_circuit(pm, scores, int(p * n_edges), absolute)
-            counts.append(float(sum(int(v.sum()) for v in circuit.values())))
-            faith.append(faithfulness(score(circuit), empty, baseline))
-    xs = [math.log(p) for p in FRACTIONS] if log_scale else list(FRACTIONS)
+        empty = score(empty_circuit)
+        counts = [float(sum(int(v.sum()) for v in c.values())) for c in circuits]
+        faith = [faithfulness(score(c), empty, baseline) for c in circuits]
+    xs = [math.log(p) for p in fractions] if log_scale else list(fractions)
     return MibResults(counts, _trapezoid(xs, faith), _trapezoid(xs, [abs(1 - f) for f in faith]),
-                      sum(faith) / len(faith), faith)
+                      sum(faith) / len(faith), faith, tuple(fractions))
