@@ -345,3 +345,30 @@ def test_evaluate_circuits_of_given_binary_circuits(ioi):
     assert res.weighted_edge_counts == run["weighted_edge_counts"]
     assert res.faithfulnesses == pytest.approx(run["faithfulnesses"], abs=1e-4)
     assert res.fractions == tuple(c / pm.graph.n_edges for c in run["weighted_edge_counts"])
+
+
+def test_evaluate_on_a_hooked_transformer_equals_mib():
+    """The same weights as a TransformerLens 3.x HookedTransformer (funcpatch's hook path):
+    the zero ablation, which depends on MIB's input node being hook_embed alone."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        pytest.skip("TransformerLens >= 4 has no HookedTransformer")
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    hf, tok = zoo.load_hf("ioi")
+    c = hf.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+                                  d_mlp=c.n_inner, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
+                                  normalization_type="LN", tokenizer_name=None, default_prepend_bos=False)
+    ht = HookedTransformer(cfg)
+    ht.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                   center_unembed=False, fold_value_biases=False)
+    pm = fp.patchable(ht.eval())
+    (a, b), (c0, d) = THEIRS["prompts"]["eval"], THEIRS["prompts"]["mean"]
+    evals, _ = load_datasets_from_json(tok, zoo.dataset_path("ioi"), batch_size=THEIRS["prompts"]["batch_size"],
+                                       train_test_size=(b - a, d - c0), shuffle=False)
+    scores, _ = fp.mib.load(pm, DATA / "eapig.json")
+    run = next(r for r in THEIRS["evaluate"] if r["kwargs"] == {"intervention": "zero"})
+    res = fp.mib.evaluate(pm, evals, scores, intervention="zero")
+    assert res.faithfulnesses == pytest.approx(run["faithfulnesses"], abs=1e-4)
+    assert res.area_under == pytest.approx(run["area_under"], abs=1e-4)
