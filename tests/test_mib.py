@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import funcpatch as fp
 from funcpatch import zoo
@@ -53,6 +55,14 @@ def _edge_values(pm, scores, flags):
 def test_names_map_both_ways(ours, theirs):
     assert to_mib_name(ours) == theirs
     assert from_mib_name(theirs) == ours
+
+
+@given(st.integers(0, 99), st.integers(0, 99), st.integers(0, 99), st.integers(0, 99), st.sampled_from("QKV"))
+def test_edge_names_round_trip(l1, h1, l2, h2, x):
+    for name in (f"A{l1}.{h1}->A{l2}.{h2}.{x}", f"MLP {l1}->A{l2}.{h2}.{x}", f"Resid Start->MLP {l2}",
+                 f"A{l1}.{h1}->Resid End"):
+        assert from_mib_name(to_mib_name(name)) == name
+    assert to_mib_name(f"A{l1}.{h1}->A{l2}.{h2}.{x}") == f"a{l1}.h{h1}->a{l2}.h{h2}<{x.lower()}>"
 
 
 @pytest.mark.parametrize("bad", ["Resid Post 0", "A0.kv1.K", "B0.1", "A0.1.X"])
@@ -246,6 +256,28 @@ def test_dangling_chain_matches_eapig_prune(ioi):
     got = {to_mib_name(n) for n in _circuit_names(pm, fp.mib.mib_circuit(pm, scores, case["n"]))}
     assert got == set(case["evaluated"])
     assert set(case["evaluated"]) <= set(case["after_topn"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(0, 310), absolute=st.booleans())
+def test_mib_circuit_is_a_connected_subset_of_the_top_n(ioi, seed, n, absolute):
+    """Invariants of apply_topn + prune: at most n edges, all among the top n, and closed:
+    every source in it but the input is fed by an edge in it, every destination but the
+    logits feeds one."""
+    pm = ioi[0]
+    g = torch.Generator().manual_seed(seed)
+    scores = {k: torch.randn(v.shape, generator=g) for k, v in fp.init_state(pm).masks.items()}
+    masks = fp.mib.mib_circuit(pm, scores, n, absolute)
+    circuit = {e for e in pm.graph.edges if bool(e.prune_score(masks))}
+    key = (lambda e: abs(float(e.prune_score(scores)))) if absolute else (lambda e: float(e.prune_score(scores)))
+    top = set(sorted(pm.graph.edges, key=key, reverse=True)[:n])
+    assert circuit <= top
+    node = lambda d: d.name.rsplit(".", 1)[0] if d.name[-2:] in (".Q", ".K", ".V") else d.name  # noqa: E731
+    fed = {node(e.dest) for e in circuit}
+    feeding = {e.src.name for e in circuit}
+    for e in circuit:
+        assert e.src.name == "Resid Start" or e.src.name in fed, e
+        assert e.dest.name == "Resid End" or node(e.dest) in feeding, e
 
 
 def test_ties_are_broken_by_eapig_matrix_order(ioi):
