@@ -255,7 +255,9 @@ def _check_cfg(pm, cfg, path) -> dict:
     ours = mib_cfg(pm)
     if not isinstance(cfg, Mapping):
         raise MibGraphError(f"{path}: 'cfg' must be a dict, got {type(cfg).__name__}")
-    for k in ("n_layers", "n_heads", "parallel_attn_mlp"):
+    for k in ("n_layers", "n_heads", "parallel_attn_mlp", "d_model"):
+        if k == "d_model" and k not in cfg:  # only neuron-level circuits need it
+            continue
         theirs = cfg.get(k, False if k == "parallel_attn_mlp" else None)
         if (bool(theirs) if k == "parallel_attn_mlp" else theirs) != ours[k]:
             raise MibGraphError(f"{path}: the circuit is for a model with {k}={theirs!r}, this model has "
@@ -338,8 +340,8 @@ def load(pm, path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Te
     if not path.is_file():
         raise FileNotFoundError(f"no circuit file at {str(path)!r}")
     with open(path, "rb") as fh:
-        head = fh.read(1)
-    if head in (b"{", b" ", b"\n"):
+        head = fh.read(64).lstrip()
+    if path.suffix == ".json" or head.startswith(b"{"):
         return _load_json(pm, path)
     d = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(d, dict):
