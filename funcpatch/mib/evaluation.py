@@ -19,7 +19,7 @@ from funcpatch.circuits import check_prune_scores, forward_kwargs, materialize_b
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.intervene import intervene
 from funcpatch.metrics import _trapezoid, answer_diff, faithfulness
-from funcpatch.mib.formats import _edge_cells, _node_lists, check_mib_graph, mib_cfg
+from funcpatch.mib.formats import _edge_cells, _forward_to_backward, check_mib_graph, mib_cfg
 from funcpatch.patches import RecordPatch
 from funcpatch.state import init_state, patch_mode
 
@@ -54,15 +54,6 @@ class MibResults:
     def __iter__(self):
         return iter((self.weighted_edge_counts, self.area_under, self.area_from_1, self.average,
                      self.faithfulnesses))
-
-
-def _forward_to_backward(cfg) -> torch.Tensor:
-    """``[n_fwd, n_bwd]``: True where a column is one of the row node's own inputs."""
-    srcs, dsts = _node_lists(cfg)
-    out = torch.zeros(len(srcs), len(dsts), dtype=torch.bool)
-    for c, d in enumerate(dsts[:-1]):
-        out[srcs.index(d.split("<")[0]), c] = True
-    return out
 
 
 def _prune(in_graph: torch.Tensor, f2b: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -158,6 +158,16 @@ def _node_lists(cfg) -> Tuple[list, list]:
     return srcs, dsts
 
 
+def _forward_to_backward(cfg) -> torch.Tensor:
+    """``[n_fwd, n_bwd]``: True where a column is one of the row node's own inputs (EAP-IG's
+    ``forward_to_backward``)."""
+    srcs, dsts = _node_lists(cfg)
+    out = torch.zeros(len(srcs), len(dsts), dtype=torch.bool)
+    for c, d in enumerate(dsts[:-1]):
+        out[srcs.index(d.split("<")[0]), c] = True
+    return out
+
+
 def _edge_cells(pm, cfg):
     """(edge, MIB edge name, row, column) for every edge of ``pm``'s graph."""
     L, H = cfg["n_layers"], cfg["n_heads"]
@@ -194,11 +204,7 @@ def _matrices(pm, scores, in_graph):
         f[r, c] = bool(flags[e.dest.module_name][e.patch_idx])
     # A node is in the graph when it has an outgoing and (but the input) an incoming edge in it (EAP-IG's rule
     # after a top-n); evaluation prunes whatever dangles.
-    srcs, dsts = _node_lists(cfg)
-    feeds = torch.zeros(n_fwd, n_bwd, dtype=torch.bool)  # node row -> its own destination columns
-    for c, d in enumerate(dsts[:-1]):
-        feeds[srcs.index(d.split("<")[0]), c] = True
-    nodes = f.any(dim=1) & ((feeds & f.any(dim=0)).any(dim=1))
+    nodes = f.any(dim=1) & ((_forward_to_backward(cfg) & f.any(dim=0)).any(dim=1))
     nodes[0] = bool(f[0].any())
     return cfg, cells, s, f, nodes
 
