@@ -125,11 +125,14 @@ def _metric_fn(metric: Metric) -> Callable[[torch.Tensor, object], torch.Tensor]
 
 
 def _token_embedding(pm, tokens, kwargs) -> torch.Tensor:
-    """MIB's input node: ``hook_embed``, the token embedding alone ``[batch, seq, d_model]``."""
-    if "hook_embed" not in getattr(pm.model, "hook_dict", {}):
-        raise ValueError(f"{type(pm.model).__name__} has no hook_embed, MIB's input node")
-    _, rec = intervene(pm.model, {"hook_embed": RecordPatch()}, tokens, **kwargs)
-    return rec["hook_embed"][0]
+    """MIB's input node: ``hook_embed``, the token embedding alone ``[batch, seq, d_model]``
+    (a transformers model's own input embedding)."""
+    if "hook_embed" in getattr(pm.model, "hook_dict", {}):
+        _, rec = intervene(pm.model, {"hook_embed": RecordPatch()}, tokens, **kwargs)
+        return rec["hook_embed"][0]
+    if callable(getattr(pm.model, "get_input_embeddings", None)):
+        return pm.model.get_input_embeddings()(tokens)
+    raise ValueError(f"{type(pm.model).__name__} has no hook_embed (MIB's input node) nor get_input_embeddings()")
 
 
 def _lengths(batch) -> torch.Tensor:

@@ -123,8 +123,14 @@ def mib_cfg(pm) -> Dict[str, object]:
     """The ``cfg`` EAP-IG writes: ``n_layers``, ``n_heads``, ``parallel_attn_mlp``, ``d_model``."""
     check_mib_graph(pm)
     shape = pm.backend.shape(pm.model)
+    d_model = getattr(getattr(pm.model, "cfg", None), "d_model", None)  # TransformerLens
+    if d_model is None:  # a transformers model
+        d_model = getattr(getattr(pm.model, "config", None), "hidden_size", None)
+    if d_model is None:
+        raise MibGraphError(f"cannot read d_model from a {type(pm.model).__name__} (no .cfg.d_model, "
+                            "no .config.hidden_size)")
     return {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "parallel_attn_mlp": shape.parallel_attn_mlp,
-            "d_model": int(pm.model.cfg.d_model)}
+            "d_model": int(d_model)}
 
 
 def _forward_index(name: str, n_heads: int) -> int:
