@@ -404,3 +404,17 @@ def test_evaluate_on_a_hooked_transformer_equals_mib():
     res = fp.mib.evaluate(pm, evals, scores, intervention="zero")
     assert res.faithfulnesses == pytest.approx(run["faithfulnesses"], abs=1e-4)
     assert res.area_under == pytest.approx(run["area_under"], abs=1e-4)
+
+
+def test_evaluate_on_a_bare_transformers_model_equals_mib(ioi):
+    """A transformers model patched directly (funcpatch's own forward, no hooks)."""
+    hf, _ = zoo.load_hf("ioi")
+    try:
+        pm = fp.patchable(hf)
+    except TypeError:
+        pytest.skip("this funcpatch patches transformers models only through a bridge")
+    evals = ioi[1]
+    scores, _ = fp.mib.load(pm, DATA / "eapig.json")
+    run = next(r for r in THEIRS["evaluate"] if r["kwargs"] == {"intervention": "zero"})
+    res = fp.mib.evaluate(pm, evals, scores, intervention="zero")
+    assert res.faithfulnesses == pytest.approx(run["faithfulnesses"], abs=1e-4)
