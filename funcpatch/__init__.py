@@ -1,6 +1,6 @@
 """funcpatch: functional edge patching and circuit discovery over torch.func."""
 
-from funcpatch import algos, metrics, models
+from funcpatch import algos, metrics, mib, models
 from funcpatch.ablation import AblationType, batch_src_ablations, src_ablations
 from funcpatch.circuits import CircuitOutputs, PatchType, circuit_masks, run_circuits
 from funcpatch.data import PromptDataLoader, PromptDataset, PromptPairBatch
@@ -21,7 +21,7 @@ from funcpatch.state import (MaskNoise, PatchState, edge_masks, effective_mask, 
 __all__ = [
     "AddPatch", "CustomPatch", "EdgeCounts", "Patch", "PatchError", "ProbePatch", "PruneScores", "RecordPatch",
     "ReplacePatch", "TargetError", "TensorSlice", "TestEdges", "ZeroPatch", "desc_prune_scores", "edge_counts_util",
-    "intervene", "metrics", "prune_scores_threshold", "targets", "algos", "CircuitOutputs", "PatchType",
+    "intervene", "metrics", "mib", "prune_scores_threshold", "targets", "algos", "CircuitOutputs", "PatchType",
     "circuit_masks", "run_circuits",
     "AblationType", "DestNode", "MissingHooksError", "Edge", "Graph", "MaskNoise", "MicroModel", "PatchState", "PatchableModel",
     "PromptDataLoader", "PromptDataset", "PromptPairBatch", "SrcNode", "batch_src_ablations", "edge_masks",

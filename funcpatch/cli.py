@@ -12,7 +12,18 @@
     - ``scores.safetensors``: the prune scores (dest module -> tensor shaped like its mask;
       the metadata ``srcs:<module>`` names the sources along the last axis);
     - ``edges.json``: every edge with its score (null when infinite or NaN), in rank order;
-    - ``summary.json``: the settings, the table, CPR and CMD.
+    - ``summary.json``: the settings, the table, CPR and CMD;
+    - with ``--mib-out DIR``: the circuit in MIB's submission layout
+      (:func:`funcpatch.mib.save_submission`).
+
+    EAP-IG interpolates as EAP-IG's code does (``--endpoint corrupt``, the points MIB's
+    numbers come from). ``--dataset`` takes auto-circuit's JSON or EAP-IG's CSV files.
+
+``funcpatch evaluate CIRCUIT --model M [--dataset D]``
+    MIB's evaluation (:func:`funcpatch.mib.evaluate`) of a circuit file: funcpatch's
+    ``scores.safetensors``, an EAP-IG/MIB ``.json``/``.pt``, auto-circuit's PruneScores
+    ``.pt``, or a MIB submission's ``{task}_{model}`` folder (one scores file, or binary
+    circuits). Prints MIB's table, CPR and CMD.
 
     Every circuit evaluated (the table, ``summary.json``, the plots) has exactly its
     reported number of edges: the top n by ``|score|``, ties broken by the graph's edge
@@ -69,7 +80,7 @@ DRAW_FAITHFULNESS = 0.8
 #: ``|m(full)| + |m(empty)|``
 MIN_TASK_GAP = 0.1
 
-__all__ = ["main", "ALGORITHMS", "CLIError", "discover", "DiscoverResult"]
+__all__ = ["main", "ALGORITHMS", "CLIError", "discover", "DiscoverResult", "evaluate", "format_mib_table"]
 
 
 class CLIError(Exception):
@@ -123,7 +134,7 @@ def _run_eap(pm, loader, a, progress):
 
 def _run_eap_ig(pm, loader, a, progress):
     return _algo_fn("mask_gradient", "eap_ig")(pm, loader, samples=a.samples, variant="inputs",
-                                               ablation_type=a.ablation, progress=progress)
+                                               endpoint=a.endpoint, ablation_type=a.ablation, progress=progress)
 
 
 def _run_eap_ig_mask(pm, loader, a, progress):
@@ -222,23 +233,24 @@ def _quiet_libraries() -> None:
         pass
 
 
-def resolve_model(model: str, dataset: Optional[str]) -> Tuple[str, Optional[Path], Path]:
+def resolve_model(model: str, dataset: Optional[str], cmd: str = "discover") -> Tuple[str, Optional[Path], Path]:
     """``(kind, folder, dataset path)`` for a zoo name or a local transformers folder."""
     from funcpatch import zoo
 
+    who = f"{PROG} {cmd}"
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CLIError(f"{PROG} discover: {model} is a folder without config.json: not a transformers model folder")
+            raise CLIError(f"{who}: {model} is a folder without config.json: not a transformers model folder")
         if dataset is None:
             if not (path / "dataset.json").is_file():
-                raise CLIError(f"{PROG} discover: {model} has no dataset.json: pass --dataset FILE.json")
+                raise CLIError(f"{who}: {model} has no dataset.json: pass --dataset FILE.json")
             dataset = str(path / "dataset.json")
         kind = "folder"
     else:
         names = zoo.list_models()
         if model not in names:
-            raise CLIError(f"{PROG} discover: --model {model!r} is neither a zoo model ({', '.join(names) or 'none'}) "
+            raise CLIError(f"{who}: --model {model!r} is neither a zoo model ({', '.join(names) or 'none'}) "
                            "nor a folder", code=2)
         if dataset is None:
             dataset = str(zoo.dataset_path(model))
@@ -246,7 +258,7 @@ def resolve_model(model: str, dataset: Optional[str]) -> Tuple[str, Optional[Pat
         kind = "zoo"
     ds = Path(dataset).expanduser()
     if not ds.is_file():
-        raise CLIError(f"{PROG} discover: dataset file not found: {dataset}")
+        raise CLIError(f"{who}: dataset file not found: {dataset}")
     return kind, path, ds
 
 
@@ -269,6 +281,22 @@ def load_model(model: str, kind: str, folder: Optional[Path]):
     except Exception as e:  # noqa: BLE001 - report any tokenizer failure in one line
         raise CLIError(f"{PROG} discover: cannot load a tokenizer from {folder}: {_one_line(e)}") from e
     return hf.float().eval(), tok
+
+
+def load_splits(tok, dataset: Path, prompts: int, batch_size: int, seed: int, cmd: str = "discover"):
+    """``(train, test, n_train, n_test)`` from auto-circuit's JSON or EAP-IG's CSV prompts:
+    up to ``prompts`` in each split, at most half the dataset in the train split."""
+    from funcpatch.datasets import load_datasets_from_json, read_dataset_csv, read_dataset_json
+
+    data = read_dataset_csv(dataset, tok) if dataset.suffix.lower() == ".csv" else read_dataset_json(dataset)
+    n_prompts = len(data["prompts"])
+    if n_prompts < 2:
+        raise CLIError(f"{PROG} {cmd}: {dataset} has {n_prompts} prompt; a train and a test split need 2")
+    n_train = min(prompts, n_prompts // 2)
+    n_test = min(prompts, n_prompts - n_train)
+    train, test = load_datasets_from_json(tok, data, batch_size=batch_size, train_test_size=(n_train, n_test),
+                                          random_seed=seed)
+    return train, test, n_train, n_test
 
 
 # --------------------------------------------------------------------------------------
@@ -417,6 +445,8 @@ def discover(args) -> DiscoverResult:
     kind, folder, dataset = resolve_model(args.model, args.dataset)
     out = Path(args.out).expanduser()
     _check_writable(out)
+    if args.mib_out is not None and Path(args.mib_out).expanduser().is_file():
+        raise CLIError(f"{PROG} discover: --mib-out {args.mib_out} exists and is not a folder")
 
     _quiet_libraries()
     import torch
@@ -424,21 +454,16 @@ def discover(args) -> DiscoverResult:
     import funcpatch as fp
     from funcpatch import metrics
     from funcpatch.circuits import PatchType, run_circuits
-    from funcpatch.datasets import load_datasets_from_json, read_dataset_json
 
     torch.manual_seed(args.seed)
     _log(quiet, f"[1/4] loading {args.model} ({'zoo' if kind == 'zoo' else 'folder'})")
     hf, tok = load_model(args.model, kind, folder)
     bridge = fp.models.from_hf(hf, tok)
     pm = fp.patchable(bridge, slice_output="last_seq", grouped_kv=args.grouped_kv)
+    if args.mib_out is not None:
+        fp.mib.check_mib_graph(pm)  # before the scoring, not after it
 
-    n_prompts = len(read_dataset_json(dataset)["prompts"])
-    if n_prompts < 2:
-        raise CLIError(f"{PROG} discover: {dataset} has {n_prompts} prompt; a train and a test split need 2")
-    n_train = min(args.prompts, n_prompts // 2)
-    n_test = min(args.prompts, n_prompts - n_train)
-    train, test = load_datasets_from_json(tok, dataset, batch_size=args.batch_size,
-                                          train_test_size=(n_train, n_test), random_seed=args.seed)
+    train, test, n_train, n_test = load_splits(tok, dataset, args.prompts, args.batch_size, args.seed)
     test_batches = list(test)
     _log(quiet, f"      {pm.n_edges} edges; {n_train} train / {n_test} test prompts from {dataset}")
 
@@ -479,6 +504,10 @@ def discover(args) -> DiscoverResult:
         _install_outputs(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if args.mib_out is not None:
+        mib_name = args.mib_name or f"{_task_name(args.model, kind, dataset)}_{name}"
+        fp.mib.save_submission(pm, scores, Path(args.mib_out).expanduser(), mib_name)
+        result.files["mib"] = str(Path(args.mib_out).expanduser())
     return result
 
 
@@ -514,7 +543,8 @@ def _write_outputs(staging: Path, pm, r: DiscoverResult, name: str, args, ablati
     summary = {
         "model": str(args.model), "dataset": str(dataset), "algo": args.algo, "ablation": ablation_name,
         "grouped_kv": bool(args.grouped_kv),
-        "samples": args.samples if args.algo.startswith("eap_ig") else None, "seed": args.seed,
+        "samples": args.samples if args.algo.startswith("eap_ig") else None,
+        "endpoint": args.endpoint if args.algo == "eap_ig" else None, "seed": args.seed,
         "n_edges": r.n_edges, "n_train": n_train, "n_test": n_test, "patch_type": "TREE_PATCH",
         "metric": "logit_diff", "m_full": r.m_full, "m_empty": r.m_empty,
         "task_check": {"ok": r.task_problem is None, "problem": r.task_problem},
@@ -542,6 +572,76 @@ def format_table(r: DiscoverResult, algo: str) -> str:
     else:
         lines.append(f"CPR {r.cpr:.3f} (higher is better)   CMD {r.cmd:.3f} (lower is better)   "
                      f"[{r.n_edges} edges]")
+    return "\n".join(lines)
+
+
+def _task_name(model: str, kind: str, dataset: Path) -> str:
+    """The task part of a MIB folder name: the zoo model's name, else the dataset file's stem."""
+    return model if kind == "zoo" and dataset.name == "dataset.json" else dataset.stem
+
+
+# --------------------------------------------------------------------------------------
+# Evaluate
+
+
+def _load_circuit(pm, path: Path):
+    """``("scores", PruneScores)`` or ``("circuits", [in-graph masks])`` from a circuit file or folder."""
+    import funcpatch as fp
+
+    if path.is_dir():
+        return fp.mib.load_circuit_folder(pm, path)
+    if path.suffix == ".safetensors":  # funcpatch discover's scores
+        from safetensors.torch import load_file
+
+        from funcpatch.circuits import check_prune_scores
+
+        scores = load_file(str(path))
+        check_prune_scores(pm, scores)
+        return "scores", scores
+    return "scores", fp.mib.load(pm, path)[0]
+
+
+def evaluate(args):
+    """Run ``funcpatch evaluate`` with parsed arguments: ``(MibResults, n_edges, n_test)``."""
+    import funcpatch as fp
+
+    if args.intervention not in fp.mib.INTERVENTIONS:
+        raise CLIError(f"{PROG} evaluate: unknown --intervention {args.intervention!r}; valid: "
+                       f"{', '.join(fp.mib.INTERVENTIONS)}", code=2)
+    if args.metric not in fp.mib.METRICS:
+        raise CLIError(f"{PROG} evaluate: unknown --metric {args.metric!r}; valid: {', '.join(fp.mib.METRICS)}", code=2)
+    for flag, v, lo in (("--prompts", args.prompts, 1), ("--batch-size", args.batch_size, 1)):
+        if v < lo:
+            raise CLIError(f"{PROG} evaluate: {flag} must be >= {lo}, got {v}", code=2)
+    kind, folder, dataset = resolve_model(args.model, args.dataset, "evaluate")
+    if not Path(args.circuit).expanduser().exists():
+        raise CLIError(f"{PROG} evaluate: circuit file not found: {args.circuit}")
+    _quiet_libraries()
+    _log(args.quiet, f"[1/3] loading {args.model} and {args.circuit}")
+    hf, tok = load_model(args.model, kind, folder)
+    pm = fp.patchable(fp.models.from_hf(hf, tok), slice_output="last_seq")
+    what, circuit = _load_circuit(pm, Path(args.circuit).expanduser())
+    train, test, _, n_test = load_splits(tok, dataset, args.prompts, args.batch_size, args.seed, "evaluate")
+    means = train if "mean" in args.intervention else None  # the means come from the other split
+    _log(args.quiet, f"[2/3] evaluating {'scores' if what == 'scores' else f'{len(circuit)} circuits'} on "
+                     f"{n_test} test prompts ({args.intervention})")
+    kw = dict(intervention=args.intervention, log_scale=args.log_scale, metric=args.metric,
+              intervention_dataloader=means)
+    if what == "scores":
+        res = fp.mib.evaluate(pm, test, circuit, absolute=not args.signed, **kw)
+    else:
+        res = fp.mib.evaluate_circuits(pm, test, circuit, **kw)
+    _log(args.quiet, "[3/3] done")
+    return res, pm.n_edges, n_test
+
+
+def format_mib_table(res, n_edges: int, title: str) -> str:
+    """MIB's table: each circuit's share of the edges, its edges and faithfulness; CPR, CMD."""
+    lines = [title, f"{'% edges':>8} {'edges':>7} {'faithfulness':>13}"]
+    for p, c, f in zip(res.fractions, res.weighted_edge_counts, res.faithfulnesses):
+        lines.append(f"{100 * p:>7.3g}% {int(c):>7} {f:>13.3f}")
+    lines.append(f"CPR {res.area_under:.3f} (higher is better)   CMD {res.area_from_1:.3f} (lower is better)   "
+                 f"average {res.average:.3f}   [{n_edges} edges]")
     return "\n".join(lines)
 
 
@@ -582,7 +682,7 @@ def zoo_table() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Functional edge patching and automatic circuit discovery.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{discover,zoo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{discover,evaluate,zoo}", parser_class=_Parser)
     algos = _ALL_ALGORITHMS  # not available_algorithms(): the help needs no torch import
     d = sub.add_parser("discover", help="discover a circuit and measure its faithfulness",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -613,12 +713,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training epochs of subnetwork_probing (default: %(default)s)")
     d.add_argument("--sp-lambda", type=float, default=10.0,
                    help="weight of subnetwork_probing's circuit-size penalty (default: %(default)s)")
+    d.add_argument("--endpoint", choices=("clean", "corrupt"), default="corrupt",
+                   help="eap_ig's interpolation points: corrupt = k 0..m-1 as EAP-IG's code (MIB's numbers), "
+                        "clean = k 1..m as the paper (default: %(default)s)")
     d.add_argument("--prompts", type=int, default=64,
                    help="prompts in each of the train and test splits, at most half the dataset (default: %(default)s)")
     d.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: %(default)s)")
     d.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/test split and of torch (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars or status lines; print only the table")
+    d.add_argument("--mib-out", default=None, metavar="DIR",
+                   help="also write the circuit in MIB's submission layout under DIR: importances/NAME/importances.json "
+                        "and multiple_circuits/NAME/<percent>.json")
+    d.add_argument("--mib-name", default=None, metavar="NAME",
+                   help="the MIB folder name, {task}_{model} (default: the zoo model or dataset name, then the model)")
+    e = sub.add_parser("evaluate", help="MIB's evaluation of a circuit file",
+                       description="MIB's evaluation (evaluate_area_under_curve) of a circuit: funcpatch's "
+                                   "scores.safetensors, an EAP-IG/MIB .json or .pt, auto-circuit's PruneScores .pt, "
+                                   "or a MIB submission's {task}_{model} folder. Prints the faithfulness table, "
+                                   "CPR and CMD.")
+    e.add_argument("circuit", metavar="CIRCUIT", help="a circuit file or a MIB {task}_{model} folder")
+    e.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a zoo model name (see '{PROG} zoo') or a local transformers folder (default: %(default)s)")
+    e.add_argument("--dataset", default=None,
+                   help="prompt pairs: auto-circuit's JSON or EAP-IG's CSV (default: the model's dataset.json)")
+    e.add_argument("--intervention", default="patching",
+                   help="patching, zero, mean or mean-positional (means over the train split; default: %(default)s)")
+    e.add_argument("--metric", default="logit_diff",
+                   help="logit_diff, prob_diff or prob_mass_diff (greater-than; default: %(default)s)")
+    e.add_argument("--signed", action="store_true", help="rank edges by score, not by |score| (MIB's absolute=False)")
+    e.add_argument("--log-scale", action="store_true", help="CPR and CMD over the log of the edge fraction")
+    e.add_argument("--prompts", type=int, default=64,
+                   help="prompts in each of the train and test splits, as discover splits them (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: %(default)s)")
+    e.add_argument("--quiet", action="store_true", help="no status lines; print only the table")
     sub.add_parser("zoo", help="list the zoo's models and tasks", description="List the zoo's models and tasks.")
     return p
 
@@ -645,9 +774,14 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        raise CLIError(f"{PROG}: give a command: discover or zoo (see '{PROG} --help')", code=2)
+        raise CLIError(f"{PROG}: give a command: discover, evaluate or zoo (see '{PROG} --help')", code=2)
     if args.command == "zoo":
         print(zoo_table())
+        return 0
+    if args.command == "evaluate":
+        res, n_edges, n_test = evaluate(args)
+        print(format_mib_table(res, n_edges, f"MIB evaluation of {args.circuit} ({args.intervention}, "
+                                             f"{args.metric}, {n_test} test prompts)"))
         return 0
     result = discover(args)
     print(format_table(result, args.algo))

@@ -41,7 +41,8 @@ from torch.utils.data import Subset
 
 from funcpatch.data import PromptDataLoader, PromptDataset, collate_prompt_pairs
 
-__all__ = ["DatasetFormatError", "load_datasets_from_json", "read_dataset_json"]
+__all__ = ["DatasetFormatError", "load_datasets_from_csv", "load_datasets_from_json", "read_dataset_csv",
+           "read_dataset_json"]
 
 PathLike = Union[str, os.PathLike]
 BOS_LABEL = "<|BOS|>"
@@ -359,7 +360,8 @@ def load_datasets_from_json(
             (a TransformerLens model), or None when every prompt and answer is given as
             token ids (then ``prepend_bos`` must be False).
         path: the JSON file, or a list of files (the first gives ``seq_labels`` and
-            ``word_idxs``; the prompts of all are concatenated).
+            ``word_idxs``; the prompts of all are concatenated), or a dict as
+            :func:`read_dataset_json` returns one (as :func:`read_dataset_csv` does).
         device: where the tensors go.
         prepend_bos: put ``tokenizer.bos_token_id`` before every prompt; ``seq_labels``
             gains a ``"<|BOS|>"`` label and non-negative ``word_idxs`` shift by one.
@@ -389,7 +391,7 @@ def load_datasets_from_json(
             multi-token answer, text without a tokenizer, ...
         ValueError: invalid arguments.
     """
-    data = read_dataset_json(path)
+    data = path if isinstance(path, dict) else read_dataset_json(path)
     tokenizer = _resolve_tokenizer(model_or_tokenizer)
     vectors = _vector_kind(data)
     if vectors and prepend_bos:
@@ -513,3 +515,100 @@ def load_datasets_from_json(
     if return_seq_length:
         return train_loader, test_loader, seq_len
     return train_loader, test_loader
+
+
+# ---------------------------------------------------------------------------- EAP-IG's CSV files
+
+#: the columns of EAP-IG's CSV prompt files, by style
+CSV_STYLES = {"ioi": ("clean", "corrupted", "correct_idx", "incorrect_idx"), "greater_than": ("clean", "corrupted", "label")}
+
+
+def _csv_style(path: Path, columns: Sequence[str]) -> str:
+    for style, need in CSV_STYLES.items():
+        if all(c in columns for c in need):
+            return style
+    raise DatasetFormatError(f"{path}: columns {list(columns)} match no EAP-IG CSV style; expected "
+                             + " or ".join(f"{list(c)} ({s})" for s, c in CSV_STYLES.items()))
+
+
+def _csv_int(path: Path, row: int, field: str, value: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DatasetFormatError(f"{path}: row {row}, column {field!r} must be an int, got {value!r}") from None
+
+
+def _year_ids(tokenizer: Any, path: Path) -> List[int]:
+    """The token of each two-digit year ``"00".."99"`` (as GPT-2 tokenizes a year's last two digits)."""
+    out = []
+    for year in range(100):
+        ids = _encode(tokenizer, f"{year:02d}")
+        if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
+            raise DatasetFormatError(f"{path}: greater-than's metric needs every two-digit year as one token, but "
+                                     f"'{year:02d}' is {tokenizer.convert_ids_to_tokens(ids)} with this tokenizer")
+        out.append(ids[0])
+    return out
+
+
+def read_dataset_csv(path: PathLike, model_or_tokenizer: Any, check_token_ids: bool = True) -> Dict[str, Any]:
+    """Read one of EAP-IG's CSV prompt files into :func:`read_dataset_json`'s dict.
+
+    Two styles, told by their columns (others are not read):
+
+    - ``ioi_llama.csv``: ``clean``, ``corrupted``, ``correct_idx``, ``incorrect_idx``: the
+      answer and the wrong answer as *token ids* of the tokenizer the file was made with.
+      With ``check_token_ids`` (default) both ids must be tokens of the clean prompt under
+      this tokenizer (IOI's answers are names in the prompt): ids from another tokenizer
+      are refused instead of silently scoring other tokens.
+    - ``greater_than_data.csv``: ``clean``, ``corrupted``, ``label`` (a year's last two
+      digits, 0..98): answers are the two-digit year tokens after it (``label+1 .. 99``),
+      wrong answers those up to it (``00 .. label``), as EAP-IG's greater-than metric sums
+      them (``funcpatch.mib.evaluate(metric="prob_mass_diff")``). Every ``"00".."99"`` must
+      be one token.
+
+    Raises:
+        DatasetFormatError: naming the file, the row (0 = the first after the header) and column.
+    """
+    import csv
+
+    path = Path(path)
+    tokenizer = _resolve_tokenizer(model_or_tokenizer)
+    if tokenizer is None:
+        raise ValueError("read_dataset_csv needs a tokenizer: EAP-IG's CSV prompts are text")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        style = _csv_style(path, reader.fieldnames or [])
+        rows = list(reader)
+    if not rows:
+        raise DatasetFormatError(f"{path}: has no rows")
+    years = _year_ids(tokenizer, path) if style == "greater_than" else None
+    prompts = []
+    for r, row in enumerate(rows):
+        p = {"clean": row["clean"], "corrupt": row["corrupted"]}
+        if style == "ioi":
+            good, bad = (_csv_int(path, r, c, row[c]) for c in ("correct_idx", "incorrect_idx"))
+            if check_token_ids:
+                own = set(_encode(tokenizer, row["clean"]))
+                for field, t in (("correct_idx", good), ("incorrect_idx", bad)):
+                    if t not in own:
+                        shown = tokenizer.convert_ids_to_tokens([t])[0] if 0 <= t < len(tokenizer) else None
+                        raise DatasetFormatError(
+                            f"{path}: row {r}, {field} = {t} ({shown!r} in this tokenizer) is no token of the clean "
+                            "prompt: the ids were made with another tokenizer (ioi_llama.csv: Llama-3's). Use "
+                            "the model the file was made for, or pass check_token_ids=False if they are right")
+            p["answers"], p["wrong_answers"] = [good], [bad]
+        else:
+            label = _csv_int(path, r, "label", row["label"])
+            if not 0 <= label <= 98:
+                raise DatasetFormatError(f"{path}: row {r}, label = {label} must be a year's last two digits in "
+                                         "[0, 98] (some later year must exist)")
+            p["answers"], p["wrong_answers"] = years[label + 1:], years[:label + 1]
+        prompts.append(p)
+    return {"prompts": prompts, "seq_labels": None, "word_idxs": {}, "sources": [(path, r) for r in range(len(rows))]}
+
+
+def load_datasets_from_csv(model_or_tokenizer: Any, path: PathLike, check_token_ids: bool = True, **kwargs):
+    """:func:`load_datasets_from_json` for one of EAP-IG's CSV files (:func:`read_dataset_csv`);
+    ``kwargs`` are :func:`load_datasets_from_json`'s (``batch_size``, ``train_test_size``, ...)."""
+    data = read_dataset_csv(path, model_or_tokenizer, check_token_ids=check_token_ids)
+    return load_datasets_from_json(model_or_tokenizer, data, **kwargs)

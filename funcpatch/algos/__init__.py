@@ -13,14 +13,14 @@ scores into circuits of a given size.
 from funcpatch.algos.acdc import (ACDC_FAITHFULNESS_TARGETS, AcdcRun, AcdcSelfCheckError, acdc, acdc_edge_order,
                                   acdc_runs, acdc_taus)
 from funcpatch.algos.exact import exact_patching
-from funcpatch.algos.mask_gradient import (ANSWER_FUNCTIONS, EAP_IG_VARIANTS, GRAD_FUNCTIONS, answer_loss, eap,
+from funcpatch.algos.mask_gradient import (ANSWER_FUNCTIONS, EAP_IG_ENDPOINTS, EAP_IG_VARIANTS, GRAD_FUNCTIONS, answer_loss, eap,
                                            eap_ig, mask_gradient, token_values)
 from funcpatch.algos.probing import (SP_FAITHFULNESS_TARGETS, SP_INIT_VAL, ProbingResult, circuit_probing,
                                      subnetwork_probing, subnetwork_probing_run)
 from funcpatch.algos.simple import activation_magnitude, ground_truth, random_scores
 
 __all__ = [
-    "ACDC_FAITHFULNESS_TARGETS", "ANSWER_FUNCTIONS", "AcdcRun", "AcdcSelfCheckError", "EAP_IG_VARIANTS",
+    "ACDC_FAITHFULNESS_TARGETS", "ANSWER_FUNCTIONS", "AcdcRun", "AcdcSelfCheckError", "EAP_IG_ENDPOINTS", "EAP_IG_VARIANTS",
     "GRAD_FUNCTIONS", "ProbingResult", "SP_FAITHFULNESS_TARGETS", "SP_INIT_VAL", "acdc", "acdc_edge_order",
     "acdc_runs", "acdc_taus", "activation_magnitude", "answer_loss", "circuit_probing", "eap", "eap_ig",
     "exact_patching", "ground_truth", "mask_gradient", "random_scores", "subnetwork_probing",

@@ -40,6 +40,7 @@ PruneScores = Dict[str, torch.Tensor]
 GRAD_FUNCTIONS = ("logit", "prob", "logprob", "logit_exp")
 ANSWER_FUNCTIONS = ("avg_diff", "avg_val", "mse")
 EAP_IG_VARIANTS = ("mask", "inputs")
+EAP_IG_ENDPOINTS = ("clean", "corrupt")  # interpolation points k = 1..m (the paper) or 0..m-1 (EAP-IG's code)
 
 __all__ = ["GRAD_FUNCTIONS", "ANSWER_FUNCTIONS", "EAP_IG_VARIANTS", "token_values", "answer_loss",
            "mask_gradient", "eap", "eap_ig"]
@@ -338,7 +339,7 @@ def _resid_start_edges(pm):
 
 
 def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"] = "mask",
-           grad_function: str = "logit", answer_function: str = "avg_diff",
+           endpoint: Literal["clean", "corrupt"] = "clean", grad_function: str = "logit", answer_function: str = "avg_diff",
            ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
            clean_corrupt: Optional[Literal["clean", "corrupt"]] = "corrupt", per_prompt: bool = False,
            progress: bool = True, vmap_chunk_size: Optional[int] = None) -> PruneScores:
@@ -354,10 +355,17 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
 
         ``(patch_src - clean_src) . (1/m) sum_{k=1..m} dL/d(dest input) at z' + (k/m)(z - z')``
 
-    with ``m = samples`` (the paper's points: the clean end ``k = m`` is included, the
-    corrupt end excluded, so ``samples=1`` is exactly :func:`eap`); ``patch_src`` and
-    ``clean_src`` come from separate plain runs. A *mean* over the steps, summed over
-    batches.
+    with ``m = samples`` and ``endpoint`` choosing the points:
+
+    - ``"clean"`` (default): ``k = 1..m``, the paper's formula: the clean end is included,
+      the corrupt end excluded, so ``samples=1`` is exactly :func:`eap`;
+    - ``"corrupt"``: ``k = 0..m-1``, as EAP-IG's code (``get_scores_eap_ig``, which MIB's
+      leaderboard numbers come from) computes it: the corrupt end included, the clean end
+      excluded. It equals EAP-IG's scores up to one uniform factor (sign and the mean over
+      prompts; measured: tests/test_mib.py).
+
+    ``patch_src`` and ``clean_src`` come from separate plain runs. A *mean* over the
+    steps, summed over batches.
 
     How it is computed with funcpatch's masks, without hooks of its own:
 
@@ -383,9 +391,13 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
         PruneScores (``[n_prompts, ...]`` per module with ``per_prompt``).
     """
     _check_choice(variant, EAP_IG_VARIANTS, "variant")
+    _check_choice(endpoint, EAP_IG_ENDPOINTS, "endpoint")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     if variant == "mask":
+        if endpoint != "clean":
+            raise ValueError("endpoint applies to variant='inputs' (the interpolated inputs); variant='mask' sums "
+                             "the mask gradients at s / samples, s = 0..samples: pass endpoint='clean'")
         return mask_gradient(pm, dataloader, grad_function=grad_function, answer_function=answer_function,
                              integrated_grad_samples=samples, ablation_type=ablation_type,
                              clean_corrupt=clean_corrupt, per_prompt=per_prompt, progress=progress,
@@ -412,7 +424,7 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
         is_rs[rs.src_idx] = True
         patch2 = torch.where(is_rs.view(-1, *([1] * (patch.dim() - 1))), patch, clean_outs.to(patch.dtype))
         total = None
-        for k in range(1, samples + 1):
+        for k in range(1, samples + 1) if endpoint == "clean" else range(samples):
             alpha = 1.0 - k / samples
             masks = {name: h.to(template.masks[name].dtype) * alpha for name, h in held.items()}
             base = dataclasses.replace(template, masks=masks)
