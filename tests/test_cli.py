@@ -109,6 +109,23 @@ def test_discover_in_process(eap_run):
 
 
 @needs_bridge
+def test_discover_zoo_model_with_grouped_query_attention(tmp_path):
+    """The Llama zoo model (4 query heads sharing 2 key/value heads): its graph has one K and
+    one V destination per query head, and EAP ranks the induction head's value inputs first
+    (the task's corrupt prompts change what it copies, not where it looks)."""
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(["discover", "--model", "induction_gqa", "--algo", "eap", "--prompts", "16",
+                                     "--batch-size", "16", "--out", str(out), "--quiet"])
+    assert code == 0, stderr
+    summary = check_outputs(out, stdout)
+    assert summary["model"] == "induction_gqa" and summary["m_full"] > 2.0
+    edges = json.loads((out / "edges.json").read_text())
+    dests = {e["dest"] for e in edges}
+    assert {f"A1.{h}.{x}" for h in range(4) for x in "QKV"} <= dests and not any(".kv" in d for d in dests)
+    assert summary["n_edges"] == 110
+
+
+@needs_bridge
 def test_discover_local_folder_and_ablation_case(tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(zoo.model_dir("induction"), folder)  # a plain transformers folder with its dataset.json
