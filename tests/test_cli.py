@@ -111,8 +111,7 @@ def test_discover_in_process(eap_run):
 @needs_bridge
 def test_discover_zoo_model_with_grouped_query_attention(tmp_path):
     """The Llama zoo model (4 query heads sharing 2 key/value heads): its graph has one K and
-    one V destination per query head, and EAP ranks the induction head's value inputs first
-    (the task's corrupt prompts change what it copies, not where it looks)."""
+    one V destination per query head, and EAP's top edges are its reference circuit."""
     out = tmp_path / "out"
     code, stdout, stderr = run_main(["discover", "--model", "induction_gqa", "--algo", "eap", "--prompts", "16",
                                      "--batch-size", "16", "--out", str(out), "--quiet"])
@@ -123,6 +122,8 @@ def test_discover_zoo_model_with_grouped_query_attention(tmp_path):
     dests = {e["dest"] for e in edges}
     assert {f"A1.{h}.{x}" for h in range(4) for x in "QKV"} <= dests and not any(".kv" in d for d in dests)
     assert summary["n_edges"] == 110
+    ref = json.loads((zoo.model_dir("induction_gqa") / "reference_circuit.json").read_text())["edges"]
+    assert {e["edge"] for e in edges[:len(ref)]} == set(ref)
 
 
 @needs_bridge
