@@ -103,3 +103,19 @@ def test_grouped_k_edge_equals_its_query_heads_k_edges():
             outs.append(fp.patched_forward(p, state, batch.clean)[p.out_slice])
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(outs[0], pm(batch.clean)[pm.out_slice], atol=1e-3)
+
+
+@torch.no_grad()
+def test_gqa_model_runs_on_funcpatch_forward_bare_or_bridged():
+    """The bare Llama and its bridge both run on funcpatch's own forward, with the trained
+    model's logits, in graphs of 110 edges (per query head) or 82 (per key/value head)."""
+    hf, tok = zoo.load_hf("induction_gqa")
+    batch = next(iter(setup("induction_gqa")[2]))
+    want = hf(batch.clean).logits
+    bare = fp.patchable(hf)
+    bridged = fp.patchable(fp.models.from_hf(zoo.load_hf("induction_gqa")[0], tok))
+    grouped = fp.patchable(hf, grouped_kv=True)
+    for pm in (bare, bridged, grouped):
+        assert type(pm.forward).__name__ == "OwnForward"
+        torch.testing.assert_close(pm(batch.clean), want, atol=1e-5, rtol=1e-5)
+    assert (bare.n_edges, bridged.n_edges, grouped.n_edges) == (110, 110, 82)
