@@ -239,6 +239,7 @@ def test_zoo_lists_models_and_tasks():
     assert code == 0 and err == ""
     for name in zoo.list_models():
         assert name in out and zoo.info(name)["task"] in out
+    assert "LlamaForCausalLM (n_layer 2, n_head 4, n_kv_head 2, d_model 64)" in out  # induction_gqa's GQA
 
 
 def test_help_and_version():
