@@ -659,7 +659,7 @@ def zoo_table() -> str:
     for n in names:
         card = zoo.info(n)
         arch = card.get("architecture", "?")
-        shape = ", ".join(f"{k} {card[k]}" for k in ("n_layer", "n_head", "d_model") if k in card)
+        shape = ", ".join(f"{k} {card[k]}" for k in ("n_layer", "n_head", "n_kv_head", "d_model") if k in card)
         acc = card.get("accuracy")
         rows.append((n, card.get("task", "?"), f"{arch} ({shape})" if shape else arch,
                      "" if acc is None else f"{acc:.1%}"))

@@ -1,6 +1,7 @@
 """Train the models of ``funcpatch.zoo`` and write their folders.
 
-    python scripts/train_zoo.py induction   # ~1 min on 2 CPU cores
+    python scripts/train_zoo.py induction       # ~1 min on 2 CPU cores
+    python scripts/train_zoo.py induction_gqa   # the same task on a Llama with grouped-query attention
     python scripts/train_zoo.py ioi         # ~1-2 min
     python scripts/train_zoo.py all
 
@@ -16,13 +17,14 @@ The card's accuracy is measured after reloading the folder through
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,27 @@ def build_gpt2(vocab_size: int, n_positions: int, d_model: int, n_layer: int, n_
     # Padding is the tokenizer's business (its pad token) and the attention mask's.
     cfg.pad_token_id = None
     return GPT2LMHeadModel(cfg)
+
+
+def build_llama(vocab_size: int, n_positions: int, d_model: int, n_layer: int, n_head: int, n_kv_head: int,
+                d_mlp: int):
+    """A Llama (RMSNorm, rotary positions, gated SiLU MLP) with ``n_head`` query heads
+    sharing ``n_kv_head`` key/value heads (grouped-query attention), untied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=n_positions, hidden_size=d_model, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=n_kv_head, intermediate_size=d_mlp, attention_dropout=0.0,
+        bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False,
+    )
+    cfg.pad_token_id = None  # as in build_gpt2: no data-dependent padding check under vmap
+    return LlamaForCausalLM(cfg)
+
+
+def blocks(model) -> List[torch.nn.Module]:
+    """The transformer blocks of a GPT-2 (``transformer.h``) or Llama (``model.layers``)."""
+    base = model.base_model
+    return list(base.h if hasattr(base, "h") else base.layers)
 
 
 def train(model, make_batch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
@@ -219,17 +242,46 @@ def induction_batches(tokenizer, held_out: set, seed: int, batch: int):
     return make
 
 
-def train_induction(seed: int = 0, steps: int = 1500) -> None:
+# The induction models: one task, one recipe, an architecture each. Every one is
+# attention-only in effect: its MLPs have one hidden unit with every weight exactly 0.
+IND_D_MODEL, IND_N_LAYER, IND_N_HEAD = 64, 2, 4
+INDUCTION_ARCHS = {
+    # name: (build(vocab_size) -> model, training steps, card fields)
+    "induction": (
+        lambda vocab: build_gpt2(vocab, IND_CTX, IND_D_MODEL, IND_N_LAYER, IND_N_HEAD, n_inner=1), 1500,
+        {"attention_only_note": "transformers has no attention-only GPT-2; each MLP has n_inner=1 with all "
+                                "weights and biases exactly 0 (frozen during training), so every MLP outputs "
+                                "exactly 0"},
+    ),
+    "induction_gqa": (
+        # fewer steps: in a 1500-step trial its loss was already 0.0098 at step 250
+        lambda vocab: build_llama(vocab, IND_CTX, IND_D_MODEL, IND_N_LAYER, IND_N_HEAD, n_kv_head=2, d_mlp=1), 400,
+        {"attention_only_note": "transformers has no attention-only Llama; each gated MLP has "
+                                "intermediate_size=1 with all weights exactly 0 (frozen during training), so "
+                                "every MLP outputs exactly 0",
+         "n_kv_head": 2, "positions": "rotary", "norm": "RMSNorm",
+         "grouped_query_attention": "4 query heads share 2 key/value heads: heads 0, 1 read K/V head 0; "
+                                    "heads 2, 3 read K/V head 1"},
+    ),
+}
+
+
+def train_induction(name: str = "induction", seed: int = 0, steps: Optional[int] = None) -> None:
+    """Train the induction model ``name`` (a key of ``INDUCTION_ARCHS``) and write its folder;
+    ``steps`` defaults to the architecture's."""
+    build, default_steps, arch_fields = INDUCTION_ARCHS[name]
+    steps = default_steps if steps is None else steps
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = build_tokenizer(IND_WORDS, IND_CTX)
     dataset = induction_dataset(rng, 400)
     held_out = {tuple(tok.convert_tokens_to_ids(p["clean"].split()[:IND_HALF])) for p in dataset["prompts"]}
 
-    model = build_gpt2(len(tok), IND_CTX, d_model=64, n_layer=2, n_head=4, n_inner=1)
-    # Attention-only: GPT-2 always has an MLP, so each block's MLP gets one hidden unit and
-    # all its weights and biases are zeroed and frozen -- the MLP outputs exactly 0.
-    for block in model.transformer.h:
+    model = build(len(tok))
+    # Attention-only: transformers' GPT-2 and Llama always have an MLP, so each block's MLP
+    # gets one hidden unit and all its weights and biases are zeroed and frozen -- the MLP
+    # outputs exactly 0.
+    for block in blocks(model):
         for p in block.mlp.parameters():
             torch.nn.init.zeros_(p)
             p.requires_grad_(False)
@@ -237,25 +289,23 @@ def train_induction(seed: int = 0, steps: int = 1500) -> None:
     t0 = time.time()
     loss = train(model, induction_batches(tok, held_out, seed + 1, batch=64), steps=steps, lr=3e-3)
     seconds = time.time() - t0
-    print(f"induction: trained in {seconds:.0f} s, final loss {loss:.4f}")
-    assert all(float(p.abs().max()) == 0.0 for b in model.transformer.h for p in b.mlp.parameters())
+    print(f"{name}: trained in {seconds:.0f} s, final loss {loss:.4f}")
+    assert all(float(p.abs().max()) == 0.0 for b in blocks(model) for p in b.mlp.parameters())
 
-    write_folder("induction", model, tok, dataset)
-    write_card("induction", {
-        "name": "induction",
+    write_folder(name, model, tok, dataset)
+    write_card(name, {
+        "name": name,
         "task": "induction on repeated random tokens",
         "description": (
             "Prompt [BOS] x1..x8 x1..x7 of distinct random tokens; answer x8 (the token after the "
             "previous occurrence of the last token). Corrupt prompt y1..y8 x1..x7 with new tokens "
             "except y7 = x7, so induction predicts y8, the wrong answer."
         ),
-        "architecture": "GPT2LMHeadModel",
+        "architecture": type(model).__name__,
         "attention_only": True,
-        "attention_only_note": (
-            "transformers has no attention-only GPT-2; each MLP has n_inner=1 with all weights and "
-            "biases exactly 0 (frozen during training), so every MLP outputs exactly 0"
-        ),
-        "n_layer": 2, "d_model": 64, "n_head": 4, "d_head": 16, "d_mlp": 1, "n_ctx": IND_CTX,
+        **arch_fields,
+        "n_layer": IND_N_LAYER, "d_model": IND_D_MODEL, "n_head": IND_N_HEAD, "d_head": IND_D_MODEL // IND_N_HEAD,
+        "d_mlp": 1, "n_ctx": IND_CTX,
         "d_vocab": len(tok), "n_params": n_params(model),
         "seq_len": 2 * IND_HALF, "half_len": IND_HALF,
         "training": {"seed": seed, "threads": torch.get_num_threads(), "steps": steps, "batch_size": 64,
@@ -263,7 +313,7 @@ def train_induction(seed: int = 0, steps: int = 1500) -> None:
                      "data": "[BOS] p random tokens (p in [0, 8]) then n random tokens (n in [4, 12]) repeated to 32 "
                              "tokens; loss from the second copy on"},
         "held_out": "dataset.json prompts are drawn before training; training rows equal to them are redrawn",
-        "train_command": "python scripts/train_zoo.py induction",
+        "train_command": f"python scripts/train_zoo.py {name}",
     })
 
 
@@ -403,7 +453,7 @@ def train_ioi(seed: int = 0, steps: int = 1000) -> None:
     })
 
 
-TRAINERS = {"induction": train_induction, "ioi": train_ioi}
+TRAINERS = {**{name: functools.partial(train_induction, name) for name in INDUCTION_ARCHS}, "ioi": train_ioi}
 
 
 def main() -> None:

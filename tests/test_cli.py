@@ -128,6 +128,24 @@ def test_discover_in_process(eap_run):
 
 
 @needs_bridge
+def test_discover_zoo_model_with_grouped_query_attention(tmp_path):
+    """The Llama zoo model (4 query heads sharing 2 key/value heads): its graph has one K and
+    one V destination per query head, and EAP's top edges are its reference circuit."""
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(["discover", "--model", "induction_gqa", "--algo", "eap", "--prompts", "16",
+                                     "--batch-size", "16", "--out", str(out), "--quiet"])
+    assert code == 0, stderr
+    summary = check_outputs(out, stdout)
+    assert summary["model"] == "induction_gqa" and summary["m_full"] > 2.0
+    edges = json.loads((out / "edges.json").read_text())
+    dests = {e["dest"] for e in edges}
+    assert {f"A1.{h}.{x}" for h in range(4) for x in "QKV"} <= dests and not any(".kv" in d for d in dests)
+    assert summary["n_edges"] == 110
+    ref = json.loads((zoo.model_dir("induction_gqa") / "reference_circuit.json").read_text())["edges"]
+    assert {e["edge"] for e in edges[:len(ref)]} == set(ref)
+
+
+@needs_bridge
 def test_discover_local_folder_and_ablation_case(tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(zoo.model_dir("induction"), folder)  # a plain transformers folder with its dataset.json
@@ -243,6 +261,7 @@ def test_zoo_lists_models_and_tasks():
     assert code == 0 and err == ""
     for name in zoo.list_models():
         assert name in out and zoo.info(name)["task"] in out
+    assert "LlamaForCausalLM (n_layer 2, n_head 4, n_kv_head 2, d_model 64)" in out  # induction_gqa's GQA
 
 
 def test_help_and_version():

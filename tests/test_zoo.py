@@ -1,5 +1,6 @@
 """Tests for funcpatch.zoo: the trained models load offline, solve their held-out tasks,
-and the induction model works by induction (previous-token head + induction head)."""
+and the induction models (GPT-2, and Llama with grouped-query attention) work by induction
+(previous-token head + induction head)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from funcpatch import zoo
 from funcpatch.datasets import load_datasets_from_json
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["induction", "ioi"]
+NAMES = ["induction", "induction_gqa", "ioi"]
+ARCHITECTURES = {"induction": "GPT2LMHeadModel", "induction_gqa": "LlamaForCausalLM", "ioi": "GPT2LMHeadModel"}
+INDUCTION = ["induction", "induction_gqa"]
 
 
 @lru_cache(maxsize=None)
@@ -53,7 +56,7 @@ def test_list_models():
 
 @pytest.mark.parametrize("call", [zoo.info, zoo.model_dir, zoo.dataset_path, zoo.load_hf])
 def test_unknown_name_lists_valid_ones(call):
-    with pytest.raises(ValueError, match="unknown zoo model 'gpt9'; valid names: induction, ioi"):
+    with pytest.raises(ValueError, match="unknown zoo model 'gpt9'; valid names: induction, induction_gqa, ioi"):
         call("gpt9")
 
 
@@ -65,25 +68,35 @@ def test_folder_and_card(name):
         assert (folder / f).is_file(), f
     assert (folder / "model.safetensors").stat().st_size <= 5 * 2**20
     card = zoo.info(name)
-    assert card["name"] == name and card["architecture"] == "GPT2LMHeadModel"
+    assert card["name"] == name and card["architecture"] == ARCHITECTURES[name]
     assert card["accuracy"] >= 0.95 and isinstance(card["training"]["seed"], int)
     assert zoo.dataset_path(name) == folder / "dataset.json"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_load_hf(name):
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     model, tok = loaded(name)
-    assert isinstance(model, GPT2LMHeadModel) and not model.training
+    assert type(model).__name__ == ARCHITECTURES[name] and not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert tok.bos_token is not None and tok.bos_token_id == model.config.bos_token_id
     assert tok.convert_ids_to_tokens(tok.bos_token_id) == tok.bos_token
     again = PreTrainedTokenizerFast.from_pretrained(zoo.model_dir(name), local_files_only=True)
     assert again("a b")["input_ids"] == tok("a b")["input_ids"]
     card = zoo.info(name)
-    assert (model.config.n_layer, model.config.n_embd, len(tok)) == (card["n_layer"], card["d_model"],
-                                                                       card["d_vocab"])
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, len(tok)) == (
+        card["n_layer"], card["d_model"], card["n_head"], card["d_vocab"])
+    n_kv = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    assert n_kv == card.get("n_kv_head", card["n_head"])
+
+
+def test_induction_gqa_has_grouped_query_attention():
+    model, _ = loaded("induction_gqa")
+    attn = model.model.layers[0].self_attn
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+    assert attn.q_proj.weight.shape == (64, 64) and attn.k_proj.weight.shape == attn.v_proj.weight.shape == (32, 64)
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -104,12 +117,13 @@ def test_held_out_accuracy(name):
     assert corrupt_acc >= 0.8
 
 
-def test_induction_dataset_is_the_held_out_one():
+@pytest.mark.parametrize("name", INDUCTION)
+def test_induction_dataset_is_the_held_out_one(name):
     """dataset.json is what the training script draws, before training, from the card's seed
     (the training rows equal to these prompts' first halves are redrawn)."""
-    seed = zoo.info("induction")["training"]["seed"]
+    seed = zoo.info(name)["training"]["seed"]
     expected = script().induction_dataset(random.Random(seed), 400)
-    assert json.loads(zoo.dataset_path("induction").read_text()) == expected
+    assert json.loads(zoo.dataset_path(name).read_text()) == expected
 
 
 def test_ioi_dataset_uses_only_held_out_name_pairs():
@@ -124,13 +138,15 @@ def test_ioi_dataset_uses_only_held_out_name_pairs():
 # ---------------------------------------------------------------------------- induction mechanism
 
 
-def test_induction_model_is_attention_only():
-    model, _ = loaded("induction")
-    for block in model.transformer.h:
+@pytest.mark.parametrize("name", INDUCTION)
+def test_induction_model_is_attention_only(name):
+    model, _ = loaded(name)
+    blocks = model.transformer.h if name == "induction" else model.model.layers
+    for block in blocks:
         assert all(float(p.detach().abs().max()) == 0.0 for p in block.mlp.parameters())
-    clean, *_ = all_prompts("induction")
+    clean, *_ = all_prompts(name)
     outs = []
-    hooks = [b.mlp.register_forward_hook(lambda m, i, o: outs.append(o)) for b in model.transformer.h]
+    hooks = [b.mlp.register_forward_hook(lambda m, i, o: outs.append(o)) for b in blocks]
     try:
         with torch.no_grad():
             model(clean[:8])
@@ -140,14 +156,15 @@ def test_induction_model_is_attention_only():
     assert len(outs) == 2 and all(float(o.abs().max()) == 0.0 for o in outs)
 
 
+@pytest.mark.parametrize("name", INDUCTION)
 @torch.no_grad()
-def test_induction_attention_patterns():
+def test_induction_attention_patterns(name):
     """Layer 0 has a previous-token head; layer 1 has an induction head that attends to the
     token after the previous occurrence of the current token (which no layer-0 head can)."""
-    model, _ = loaded("induction")
-    clean, corrupt, *_ = all_prompts("induction")
-    half = zoo.info("induction")["half_len"]
-    att = model(clean, output_attentions=True).attentions  # n_layer x [batch, head, query, key]
+    model, _ = loaded(name)
+    clean, corrupt, *_ = all_prompts(name)
+    half = zoo.info(name)["half_len"]
+    att = model(clean, output_attentions=True).attentions  # n_layer x [batch, query head, query, key]
     seq = clean.shape[1]  # [BOS] x1..x_half x1..x_{half-1}
     q = torch.arange(2, seq)
     prev_score = att[0][:, :, q, q - 1].mean(dim=(0, 2))  # [head]
@@ -174,7 +191,7 @@ def test_boots_in_transformer_bridge(name):
     model, tok = zoo.load_hf(name)  # a fresh copy: the bridge rewires the model it wraps
     clean = all_prompts(name)[0][:4]
     expected = loaded(name)[0](clean).logits
-    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=model, tokenizer=tok)
+    bridge = TransformerBridge.boot_transformers(str(zoo.model_dir(name)), hf_model=model, tokenizer=tok)
     bridge.set_use_attn_result(True)
     bridge.set_use_split_qkv_input(True)
     bridge.set_use_hook_mlp_in(True)
@@ -189,22 +206,30 @@ def test_boots_in_transformer_bridge(name):
 @torch.no_grad()
 def test_converts_to_hooked_transformer_on_transformer_lens_3(name):
     """On TransformerLens < 4 the same weights load into a HookedTransformer (the induction
-    model as a genuinely attention-only one, its zero MLPs dropped)."""
+    models as genuinely attention-only ones, their zero MLPs dropped; the Llama one with
+    grouped-query attention and rotary positions)."""
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError:
         pytest.skip("TransformerLens >= 4 has no HookedTransformer")
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 
     model, _ = loaded(name)
     c, card = model.config, zoo.info(name)
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-        d_mlp=None if card["attention_only"] else c.n_inner, d_vocab=c.vocab_size, n_ctx=c.n_positions,
-        act_fn="gelu_new", normalization_type="LN", attn_only=card["attention_only"], tokenizer_name=None,
-        default_prepend_bos=False,
-    )
-    state = convert_gpt2_weights(model, cfg)
+    common = dict(n_layers=c.num_hidden_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
+                  d_head=card["d_head"], d_vocab=c.vocab_size, n_ctx=card["n_ctx"], attn_only=card["attention_only"],
+                  tokenizer_name=None, default_prepend_bos=False)
+    if card["architecture"] == "LlamaForCausalLM":
+        cfg = HookedTransformerConfig(
+            **common, d_mlp=c.intermediate_size, n_key_value_heads=c.num_key_value_heads, act_fn="silu",
+            gated_mlp=True, normalization_type="RMS", eps=c.rms_norm_eps, final_rms=True,
+            positional_embedding_type="rotary", rotary_dim=card["d_head"], rotary_base=c.rope_parameters["rope_theta"],
+            rotary_adjacent_pairs=False)
+        state = convert_llama_weights(model, cfg)
+    else:
+        cfg = HookedTransformerConfig(**common, d_mlp=None if card["attention_only"] else c.n_inner,
+                                      act_fn="gelu_new", normalization_type="LN")
+        state = convert_gpt2_weights(model, cfg)
     if card["attention_only"]:
         state = {k: v for k, v in state.items() if ".mlp." not in k and ".ln2." not in k}
     ht = HookedTransformer(cfg)

@@ -3,10 +3,13 @@
 Each model lives in its own folder next to this file::
 
     funcpatch/zoo/<name>/
-        config.json, generation_config.json, model.safetensors   # a transformers GPT-2
+        config.json, generation_config.json, model.safetensors   # a transformers GPT-2 or Llama
         tokenizer.json, tokenizer_config.json                     # word-level tokenizer, with BOS
         dataset.json      # clean/corrupt prompt pairs (auto-circuit JSON format), held out from training
         card.json         # name, task, architecture, measured accuracy, training seed
+        reference_circuit.json   # the task's circuit by brute-force exact patching
+                                 # (scripts/reference_circuits.py; with grouped-query attention
+                                 # also reference_circuit_grouped_kv.json, for grouped_kv=True)
 
 The folders are written by ``scripts/train_zoo.py`` (fixed seeds, CPU, a few minutes).
 Loading goes through the ordinary transformers code paths
@@ -63,7 +66,8 @@ def load_hf(name: str) -> Tuple[Any, Any]:
     """Load model ``name`` with transformers, offline.
 
     Returns:
-        ``(model, tokenizer)``: a ``transformers`` causal LM (``GPT2LMHeadModel``) in eval
+        ``(model, tokenizer)``: a ``transformers`` causal LM (``GPT2LMHeadModel``, or
+        ``LlamaForCausalLM`` for ``induction_gqa``; the card's ``architecture``) in eval
         mode, float32, eager attention (so ``output_attentions=True`` works), on the CPU;
         and its ``PreTrainedTokenizerFast``. ``model(input_ids).logits`` is
         ``[batch, seq, d_vocab]``. The tokenizer does not add BOS itself: prompts
