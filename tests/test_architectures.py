@@ -285,10 +285,11 @@ def test_edge_counts_equal_mibs_from_configs_alone(name, build, edges):
     assert fp.patchable(m).graph.n_edges == edges
 
 
-def test_bridges_of_grouped_models_take_the_own_forward():
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_bridges_take_the_own_forward_with_the_same_results(name):
     import copy
     pytest.importorskip("transformer_lens.model_bridge")
-    hf = model("llama3-gqa")
+    hf = model(name)
     bridge = fp.models.from_hf(copy.deepcopy(hf))
     pm_bridge, pm_hf = fp.patchable(bridge), fp.patchable(hf)
     assert type(pm_bridge.forward).__name__ == "OwnForward"
