@@ -542,7 +542,7 @@ def _year_ids(tokenizer: Any, path: Path) -> List[int]:
     """The token of each two-digit year ``"00".."99"`` (as GPT-2 tokenizes a year's last two digits)."""
     out = []
     for year in range(100):
-        ids = _encode(tokenizer, f"{year:02d}")
+        ids = list(tokenizer(f"{year:02d}", add_special_tokens=False)["input_ids"])  # unknown: reported below
         if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
             raise DatasetFormatError(f"{path}: greater-than's metric needs every two-digit year as one token, but "
                                      f"'{year:02d}' is {tokenizer.convert_ids_to_tokens(ids)} with this tokenizer")
@@ -588,7 +588,8 @@ def read_dataset_csv(path: PathLike, model_or_tokenizer: Any, check_token_ids: b
         if style == "ioi":
             good, bad = (_csv_int(path, r, c, row[c]) for c in ("correct_idx", "incorrect_idx"))
             if check_token_ids:
-                own = set(_encode(tokenizer, row["clean"]))
+                # the ids as this tokenizer reads the prompt (unknown words included: the ids' check names the cause)
+                own = set(tokenizer(row["clean"], add_special_tokens=False)["input_ids"])
                 for field, t in (("correct_idx", good), ("incorrect_idx", bad)):
                     if t not in own:
                         shown = tokenizer.convert_ids_to_tokens([t])[0] if 0 <= t < len(tokenizer) else None

@@ -21,8 +21,9 @@ def test_the_readme_has_python_blocks():
 
 
 @pytest.mark.skipif(not has_bridge(), reason="the tour uses fp.models.from_hf (a TransformerBridge)")
-def test_readme_python_blocks_run(monkeypatch):
+def test_readme_python_blocks_run(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the blocks write files
     ns = {"__name__": "readme"}
     for i, block in enumerate(python_blocks(README.read_text())):
         exec(compile(block, f"README.md python block {i}", "exec"), ns)
