@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from funcpatch import metrics
+from funcpatch import distributed, metrics
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
                                 materialize_batches, progress_bar, resolve_clean_corrupt)
 from funcpatch.forward import patched_forward, record_src_outs
-from funcpatch.state import PatchState, edge_masks, init_state
+from funcpatch.state import PatchState, _param_device, edge_masks, init_state
 
 PruneScores = Dict[str, torch.Tensor]
 
@@ -277,9 +277,10 @@ def mask_gradient(pm, dataloader, grad_function: str = "logit", answer_function:
     loss_fn = _loss_fn(grad_function, answer_function)
     dataset_mean = dataset_mean_ablation(pm, dataloader, ablation_type)
 
-    bar = progress_bar(total=len(batches) * len(values), progress=progress, desc="Mask gradients")
+    mine = distributed.my_batches(len(batches))  # all of them without a process group
+    bar = progress_bar(total=len(mine) * len(values), progress=progress, desc="Mask gradients")
     per_batch: List[Dict[str, torch.Tensor]] = []
-    for batch in batches:
+    for batch in (batches[i] for i in mine):
         patch = batch_patch_values(pm, batch, which, ablation_type, dataset_mean).detach()
         kwargs = forward_kwargs(batch, "clean")
         total = None
@@ -290,7 +291,7 @@ def mask_gradient(pm, dataloader, grad_function: str = "logit", answer_function:
             bar.update(1)
         per_batch.append(total)
     bar.close()
-    return _combine(per_batch, per_prompt)
+    return _combine(distributed.gather_in_order(per_batch, len(batches), _param_device(pm)), per_prompt)
 
 
 def _combine(per_batch: List[Dict[str, torch.Tensor]], per_prompt: bool) -> PruneScores:
@@ -401,9 +402,10 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
     held = {k: v.bool() for k, v in edge_masks(pm, rs_edges, 1.0).items()}
     template = init_state(pm)
 
-    bar = progress_bar(total=len(batches) * samples, progress=progress, desc="EAP-IG (inputs)")
+    mine = distributed.my_batches(len(batches))
+    bar = progress_bar(total=len(mine) * samples, progress=progress, desc="EAP-IG (inputs)")
     per_batch = []
-    for batch in batches:
+    for batch in (batches[i] for i in mine):
         patch = batch_patch_values(pm, batch, which, ablation_type, dataset_mean).detach()
         kwargs = forward_kwargs(batch, "clean")
         with torch.no_grad():
@@ -422,4 +424,4 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
             bar.update(1)
         per_batch.append({name: v / samples for name, v in total.items()})
     bar.close()
-    return _combine(per_batch, per_prompt)
+    return _combine(distributed.gather_in_order(per_batch, len(batches), _param_device(pm)), per_prompt)
