@@ -79,12 +79,13 @@ def gather_in_order(local: Sequence[T], n: int, device: Optional[torch.device] =
     return [per_rank[i % world][i // world] for i in range(n)]
 
 
-def my_rows(n: int, what: str = "batch") -> slice:
+def my_rows(n: int, what: str = "batch", allow_empty: bool = False) -> slice:
     """This rank's contiguous share of ``n`` prompts (the first ``n % world`` ranks get one more).
 
-    Raises ValueError when there are fewer prompts than ranks (a rank would have none)."""
+    With fewer prompts than ranks some shares are empty: allowed with ``allow_empty``,
+    else a ValueError that names ``what``."""
     rank, world = rank_world()
-    if n < world:
+    if n < world and not allow_empty:
         raise ValueError(f"the {what} has {n} prompts but {world} ranks share it: give it at least {world} "
                          f"prompts, or run on at most {n} ranks")
     size, extra = divmod(n, world)

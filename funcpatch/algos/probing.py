@@ -276,16 +276,18 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
             # rank draws the whole batch's noise, so the generator stays in step everywhere
             n_rows = batch.clean.shape[0]
             noise = noise_for(n_rows)
-            rows = distributed.my_rows(n_rows, f"batch {i}")
+            rows = distributed.my_rows(n_rows, allow_empty=True)
             share = batch_rows(batch, rows)
             if hc:
                 noise = MaskNoise(*({m: u[rows] for m, u in part.items()} if part is not None else None
                                     for part in (noise.concrete, noise.dropout)))
             state = state_for(masks, patches[i][:, rows], noise)
             inputs = share.clean if tree else share.corrupt
-            logits = patched_forward(pm, state, inputs, **forward_kwargs(share, which_in), **lean)[pm.out_slice]
-            # the targets are means over prompts: a share weighs its fraction of the batch
-            faith = _faithfulness(faithfulness_target, logits, clean_logits[i][rows], share) * (len(inputs) / n_rows)
+            faith = torch.zeros((), device=device)  # an empty share (fewer prompts than ranks) adds nothing
+            if len(inputs):
+                logits = patched_forward(pm, state, inputs, **forward_kwargs(share, which_in), **lean)[pm.out_slice]
+                # the targets are means over prompts: a share weighs its fraction of the batch
+                faith = _faithfulness(faithfulness_target, logits, clean_logits[i][rows], share) * (len(inputs) / n_rows)
 
             flat = torch.cat([p.reshape(-1) for p in params])
             if hc:
