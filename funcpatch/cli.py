@@ -322,11 +322,13 @@ def discover(args) -> DiscoverResult:
     import torch
 
     import funcpatch as fp
-    from funcpatch import metrics, viz
+    from funcpatch import distributed, metrics, viz
     from funcpatch.circuits import PatchType, run_circuits
     from funcpatch.datasets import load_datasets_from_json, read_dataset_json
     from funcpatch.edge_counts import circuit_size_at
 
+    if distributed.init_from_env() and not distributed.is_main():  # under torchrun: rank 0 reports
+        quiet, progress = True, False
     torch.manual_seed(args.seed)
     _log(quiet, f"[1/4] loading {args.model} ({'zoo' if kind == 'zoo' else 'folder'})")
     hf, tok = load_model(args.model, kind, folder)
@@ -376,6 +378,9 @@ def discover(args) -> DiscoverResult:
         drawn = max(5, min(hit[0] if hit else 40, 40))
     drawn = min(drawn, n_edges)
 
+    if not distributed.is_main():  # the other ranks computed their share; rank 0 writes
+        return DiscoverResult(scores, ps, counts, real, [by_count[c] for c in counts], faith, m_empty, m_full,
+                              c_pr, c_md, {}, n_edges, drawn, time.perf_counter() - t0)
     _log(quiet, f"[4/4] writing {out}/")
     out.mkdir(parents=True, exist_ok=True)
     files = {"circuit": str(out / "circuit.png"), "faithfulness": str(out / "faithfulness.png"),
@@ -515,6 +520,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         print(zoo_table())
         return 0
     result = discover(args)
+    if not result.files:  # a rank other than 0 under torchrun
+        return 0
     print(format_table(result, args.algo))
     if not args.quiet:
         print(f"wrote {', '.join(result.files.values())}  ({result.drawn_edges} edges drawn; "

@@ -20,6 +20,7 @@ come back on ``device``, so the same code runs on gloo and NCCL.
 
 from __future__ import annotations
 
+import os
 from typing import Any, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -28,7 +29,7 @@ import torch.utils._pytree as pytree
 
 T = TypeVar("T")
 
-__all__ = ["rank_world", "is_main", "my_batches", "gather_in_order", "my_rows", "sum_in_rank_order",
+__all__ = ["rank_world", "init_from_env", "is_main", "my_batches", "gather_in_order", "my_rows", "sum_in_rank_order",
            "payload_bytes"]
 
 
@@ -37,6 +38,19 @@ def rank_world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``
+    > 1), with NCCL when CUDA is available, else gloo; nothing otherwise or when a group
+    already exists. Returns whether a group is now initialised."""
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.is_initialized()
 
 
 def is_main() -> bool:

@@ -53,11 +53,28 @@ def run_all():
     return out
 
 
+DISCOVER = ["discover", "--algo", "eap", "--prompts", "8", "--batch-size", "4", "--edges", "12", "--quiet"]
+
+
+def discover(out_dir):
+    """``funcpatch discover`` into ``out_dir``: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from funcpatch import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(DISCOVER + ["--out", str(out_dir)])
+    return code, out.getvalue(), err.getvalue()
+
+
 if __name__ == "__main__":
-    import torch.distributed as dist
+    from funcpatch import distributed
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    assert distributed.init_from_env()  # torchrun's environment: gloo on a CPU
+    rank = distributed.rank_world()[0]
     result = run_all()
-    torch.save(result, os.path.join(sys.argv[1], f"rank{dist.get_rank()}.pt"))
-    dist.destroy_process_group()
+    result["discover"] = discover(os.path.join(sys.argv[1], "discover"))  # every rank runs it; rank 0 writes
+    torch.save(result, os.path.join(sys.argv[1], f"rank{rank}.pt"))

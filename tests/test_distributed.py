@@ -35,7 +35,7 @@ def two_ranks(tmp_path_factory):
                            os.path.join(HERE, "distributed_worker.py"), str(out)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return out, [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +73,40 @@ BITWISE = ["eap", "eap_per_prompt", "mask_ig", "inputs_ig", "eap_tokenwise_mean"
 @pytest.mark.parametrize("name", BITWISE)
 def test_batch_split_results_equal_one_process_exactly(two_ranks, single, name):
     # per-batch results are gathered and summed in batch order: the same bits
-    for rank in two_ranks:
+    for rank in two_ranks[1]:
         _close(rank[name], single[name], rtol=0.0)
 
 
 @pytest.mark.parametrize("name", ["acdc", "probing_masks", "probing_losses", "circuit_probing"])
 def test_prompt_split_results_equal_one_process(two_ranks, single, name):
     # a batch's prompts are split: partial sums added in rank order, equal on every rank
-    _close(two_ranks[0][name], two_ranks[1][name], rtol=0.0)
-    _close(two_ranks[0][name], single[name], rtol=1e-6)
+    ranks = two_ranks[1]
+    _close(ranks[0][name], ranks[1][name], rtol=0.0)
+    _close(ranks[0][name], single[name], rtol=1e-6)
     if name == "acdc":  # the discrete decisions: the same removed edges at every tau
-        assert [r[0] for r in two_ranks[0][name]] == [r[0] for r in single[name]]
+        assert [r[0] for r in ranks[0][name]] == [r[0] for r in single[name]]
         assert any(r[0] for r in single[name]), "no run removed an edge: the test would prove nothing"
+
+
+def test_discover_under_torchrun_rank0_prints_and_writes(two_ranks, tmp_path):
+    import json
+
+    import distributed_worker
+    out, ranks = two_ranks
+    (code0, stdout0, err0), (code1, stdout1, err1) = ranks[0]["discover"], ranks[1]["discover"]
+    assert code0 == code1 == 0, (err0, err1)
+    assert stdout1 == "" and err1 == ""  # only rank 0 reports
+    assert stdout0.count("CPR") == 1
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: a matrix product's rounding depends on the threads
+    try:
+        code, stdout, err = distributed_worker.discover(tmp_path)
+    finally:
+        torch.set_num_threads(n)
+    assert code == 0, err
+    assert stdout0 == stdout  # the same table as one process
+    got = json.loads((out / "discover" / "summary.json").read_text())
+    want = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("table", "cpr", "cmd", "m_full", "m_empty"):
+        assert got[key] == want[key], key
+    assert (out / "discover" / "edges.json").read_text() == (tmp_path / "edges.json").read_text()
