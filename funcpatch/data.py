@@ -137,7 +137,7 @@ def _stack_or_list(ts: Sequence[torch.Tensor]) -> Answers:
 def batch_key(clean: torch.Tensor, corrupt: torch.Tensor) -> int:
     """A key that depends only on the tokens (not on Python's hash seed)."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(clean.detach().cpu().contiguous().numpy().tobytes())  # CUDA tensors have no .numpy()
+    h.update(clean.detach().cpu().contiguous().numpy().tobytes())  # via the CPU: CUDA tensors have no numpy view
     h.update(corrupt.detach().cpu().contiguous().numpy().tobytes())
     return int.from_bytes(h.digest(), "little")
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import funcpatch as fp
+from conftest import DEVICE
 from funcpatch import algos
 from funcpatch.data import PromptPairBatch
 
@@ -31,7 +32,7 @@ def tiny_gpt2():
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16, initializer_range=0.2,
                      bos_token_id=0, eos_token_id=0)
-    return fp.models.from_hf(transformers.GPT2LMHeadModel(cfg).eval())
+    return fp.models.from_hf(transformers.GPT2LMHeadModel(cfg).eval().to(DEVICE))
 
 
 def tiny_hooked():
@@ -58,6 +59,7 @@ def token_loader(n=4, batch_size=2, seed=1):
     corrupt = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     ans = torch.randint(0, VOCAB, (n, 1), generator=g)
     wrong = torch.randint(0, VOCAB, (n, 1), generator=g)
+    clean, corrupt, ans, wrong = (t.to(DEVICE) for t in (clean, corrupt, ans, wrong))
     return fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, ans, wrong), seq_len=SEQ, batch_size=batch_size)
 
 
