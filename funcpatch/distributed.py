@@ -13,6 +13,12 @@ NCCL on GPUs) the algorithms split their work:
   in rank order (:func:`sum_in_rank_order`), so every rank takes the same discrete
   decisions (ACDC's accept test, probing's masks).
 
+Where an algorithm sums per-batch results, the edit is local: loop over
+``batches[i] for i in my_batches(n)``, then ``gather_in_order`` before the sum (see
+``funcpatch.algos.exact``). ``fp.mib.evaluate`` (issue 12) inherits the split through
+:func:`funcpatch.run_circuits`; anything it computes per batch outside ``run_circuits``
+needs the same two lines.
+
 Without a process group (or with one rank) every function is the identity: nothing
 changes. Objects travel through ``all_gather_object`` with their tensors on the CPU and
 come back on ``device``, so the same code runs on gloo and NCCL.
