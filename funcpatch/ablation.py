@@ -88,7 +88,7 @@ def dataset_tokenwise_mean(pm, batches, ablation_type: AblationType) -> torch.Te
                    else b.corrupt_attention_mask)] if ablation_type.corrupt_dataset else [])
         return [_src_outs(pm, x, mask).sum(dim=1, keepdim=True) for x, mask in parts]
 
-    local = [sums(batches[i]) for i in distributed.my_batches(len(batches))]
+    local = [sums(batches[i]) for i in distributed.my_batches(batches)]
     total = None
     for part in distributed.gather_in_order(local, len(batches), _param_device(pm)):
         for s in part:

@@ -316,7 +316,7 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
     out: CircuitOutputs = {s: {} for s in sizes}
     template = init_state(pm)
     stacked = _stack([unique[s] for s in sizes]) if vmap_sizes else None
-    mine = distributed.my_batches(len(batches))  # all of them without a process group
+    mine = distributed.my_batches(batches)  # all of them without a process group
     bar = progress_bar(total=len(mine) * len(sizes), progress=progress, desc="Running circuits")
     local: List[Dict[int, torch.Tensor]] = []  # per batch: {real size: output}
     with torch.no_grad():

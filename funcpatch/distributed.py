@@ -14,7 +14,7 @@ NCCL on GPUs) the algorithms split their work:
   decisions (ACDC's accept test, probing's masks).
 
 Where an algorithm sums per-batch results, the edit is local: loop over
-``batches[i] for i in my_batches(n)``, then ``gather_in_order`` before the sum (see
+``batches[i] for i in my_batches(batches)``, then ``gather_in_order`` before the sum (see
 ``funcpatch.algos.exact``). ``fp.mib.evaluate`` (issue 12) inherits the split through
 :func:`funcpatch.run_circuits`; anything it computes per batch outside ``run_circuits``
 needs the same two lines.
@@ -64,10 +64,24 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
-def my_batches(n: int) -> List[int]:
-    """Indices of the batches (of ``n``) this rank computes: ``rank, rank + world, ...``."""
+def _indices(n: int) -> List[int]:
     rank, world = rank_world()
     return list(range(rank, n, world))
+
+
+def my_batches(batches: Sequence) -> List[int]:
+    """Indices of the batches (prompt-pair batches with a ``key``) this rank computes:
+    ``rank, rank + world, ...``. Under a process group, checks first that every rank has
+    the same batches in the same order (a dataloader shuffled with different seeds would
+    silently mix data)."""
+    n = len(batches)
+    if rank_world()[1] > 1:
+        keys = [getattr(b, "key", None) for b in batches]
+        every = _all_gather(keys, None)
+        if any(k != keys for k in every):
+            raise ValueError("the ranks iterate different batches (their keys differ): give every rank the same "
+                             "dataloader, shuffled with the same seed or not at all")
+    return _indices(n)
 
 
 def _to(obj: Any, device: Optional[torch.device]) -> Any:
@@ -93,8 +107,8 @@ def gather_in_order(local: Sequence[T], n: int, device: Optional[torch.device] =
     rank, world = rank_world()
     if world == 1:
         return list(local)
-    if len(local) != len(my_batches(n)):
-        raise ValueError(f"rank {rank} holds {len(local)} results but computes {len(my_batches(n))} of {n} batches")
+    if len(local) != len(_indices(n)):
+        raise ValueError(f"rank {rank} holds {len(local)} results but computes {len(_indices(n))} of {n} batches")
     per_rank = _all_gather(list(local), device)
     return [per_rank[i % world][i // world] for i in range(n)]
 

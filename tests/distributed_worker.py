@@ -76,5 +76,12 @@ if __name__ == "__main__":
     assert distributed.init_from_env()  # torchrun's environment: gloo on a CPU
     rank = distributed.rank_world()[0]
     result = run_all()
+    pm, loader = workload()
+    shuffled = list(loader)[::-1] if rank else list(loader)  # rank 1 sees the batches in another order
+    try:
+        fp.algos.eap(pm, shuffled, progress=False)
+        result["mismatch"] = "no error"
+    except ValueError as e:
+        result["mismatch"] = str(e)
     result["discover"] = discover(os.path.join(sys.argv[1], "discover"))  # every rank runs it; rank 0 writes
     torch.save(result, os.path.join(sys.argv[1], f"rank{rank}.pt"))

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_no_process_group_changes_nothing():
     assert distributed.rank_world() == (0, 1)
     assert distributed.is_main()
-    assert distributed.my_batches(3) == [0, 1, 2]
+    assert distributed.my_batches(['a', 'b', 'c']) == [0, 1, 2]
     assert distributed.my_rows(4) == slice(0, 4)
     items = [torch.ones(2), torch.zeros(2)]
     assert distributed.gather_in_order(items, 2) == items
@@ -110,3 +110,8 @@ def test_discover_under_torchrun_rank0_prints_and_writes(two_ranks, tmp_path):
     for key in ("table", "cpr", "cmd", "m_full", "m_empty"):
         assert got[key] == want[key], key
     assert (out / "discover" / "edges.json").read_text() == (tmp_path / "edges.json").read_text()
+
+
+def test_ranks_with_different_batches_get_a_clear_error(two_ranks):
+    for rank in two_ranks[1]:
+        assert "different batches" in rank["mismatch"]

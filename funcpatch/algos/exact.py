@@ -96,7 +96,7 @@ def exact_patching(pm, dataloader, metric: Optional[Callable[[torch.Tensor, obje
     like = next(iter(template.masks.values()))
     chunks = [(a, min(a + batch_edges, total)) for a in range(0, total, batch_edges)]
 
-    mine = distributed.my_batches(len(batches))  # all of them without a process group
+    mine = distributed.my_batches(batches)  # all of them without a process group
     per_batch = []
     bar = progress_bar(total=len(mine) * len(chunks), progress=progress, desc="Exact patching")
     with torch.no_grad():

@@ -287,7 +287,7 @@ def mask_gradient(pm, dataloader, grad_function: str = "logit", answer_function:
     dataset_mean = dataset_mean_ablation(pm, dataloader, ablation_type)
 
     _check_max_memory(max_memory)
-    mine = distributed.my_batches(len(batches))  # all of them without a process group
+    mine = distributed.my_batches(batches)  # all of them without a process group
     bar = progress_bar(total=len(mine) * len(values), progress=progress, desc="Mask gradients")
     per_batch: List[Dict[str, torch.Tensor]] = []
     for batch in (batches[i] for i in mine):
@@ -466,7 +466,7 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
     template = init_state(pm)
 
     _check_max_memory(max_memory)
-    mine = distributed.my_batches(len(batches))
+    mine = distributed.my_batches(batches)
     bar = progress_bar(total=len(mine) * samples, progress=progress, desc="EAP-IG (inputs)")
     per_batch = []
     for batch in (batches[i] for i in mine):
