@@ -15,9 +15,9 @@ NCCL on GPUs) the algorithms split their work:
 
 Where an algorithm sums per-batch results, the edit is local: loop over
 ``batches[i] for i in my_batches(batches)``, then ``gather_in_order`` before the sum (see
-``funcpatch.algos.exact``). ``fp.mib.evaluate`` (issue 12) inherits the split through
-:func:`funcpatch.run_circuits`; anything it computes per batch outside ``run_circuits``
-needs the same two lines.
+``funcpatch.algos.exact``). ``fp.mib.evaluate`` (issue 12, its own loop over batches)
+needs the same two lines in its ``score`` (per-batch metric values) and ``_means``
+(per-batch sums).
 
 Without a process group (or with one rank) every function is the identity: nothing
 changes. Objects travel through ``all_gather_object`` with their tensors on the CPU and
