@@ -287,7 +287,8 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
             if len(inputs):
                 logits = patched_forward(pm, state, inputs, **forward_kwargs(share, which_in), **lean)[pm.out_slice]
                 # the targets are means over prompts: a share weighs its fraction of the batch
-                faith = _faithfulness(faithfulness_target, logits, clean_logits[i][rows], share) * (len(inputs) / n_rows)
+                faith = _faithfulness(faithfulness_target, logits, clean_logits[i][rows], share)
+                faith = faith * (len(inputs) / n_rows)
 
             flat = torch.cat([p.reshape(-1) for p in params])
             if hc:
