@@ -7,8 +7,10 @@ from typing import Dict, Literal, Optional, Union
 
 import torch
 
+from funcpatch import distributed
 from funcpatch.data import PromptDataLoader
 from funcpatch.forward import record_src_outs
+from funcpatch.state import _param_device
 
 
 class AblationType(Enum):
@@ -74,6 +76,29 @@ def _src_outs(pm, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
         return record_src_outs(pm, tokens, **kwargs)[1]
 
 
+def dataset_tokenwise_mean(pm, batches, ablation_type: AblationType) -> torch.Tensor:
+    """The TOKENWISE_MEAN_* patch values over ``batches`` (a list of PromptPairBatch):
+    ``[n_srcs, largest batch, seq, d_model]``, each prompt run with its own attention mask.
+
+    Under a ``torch.distributed`` process group each rank runs its share of the batches
+    and the per-batch sums are added in batch order, as one process adds them."""
+    def sums(b):
+        parts = ([(b.clean, b.attention_mask)] if ablation_type.clean_dataset else []) + \
+                ([(b.corrupt, b.attention_mask if getattr(b, "corrupt_attention_mask", None) is None
+                   else b.corrupt_attention_mask)] if ablation_type.corrupt_dataset else [])
+        return [_src_outs(pm, x, mask).sum(dim=1, keepdim=True) for x, mask in parts]
+
+    local = [sums(batches[i]) for i in distributed.my_batches(batches)]
+    total = None
+    for part in distributed.gather_in_order(local, len(batches), _param_device(pm)):
+        for s in part:
+            total = s if total is None else total + s
+    n = sum(b.clean.shape[0] * (ablation_type.clean_dataset + ablation_type.corrupt_dataset) for b in batches)
+    width = max(b.clean.shape[0] for b in batches)
+    mean = total / n
+    return mean.expand(mean.shape[0], width, *mean.shape[2:]).contiguous()
+
+
 def src_ablations(pm, sample: Union[torch.Tensor, PromptDataLoader],
                   ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -91,18 +116,7 @@ def src_ablations(pm, sample: Union[torch.Tensor, PromptDataLoader],
         if not isinstance(sample, PromptDataLoader):
             raise TypeError(f"{ablation_type.name} averages over a dataset: pass a PromptDataLoader, "
                             f"got {type(sample).__name__}")
-        total, n, batch = None, 0, 0
-        for b in sample:
-            inputs = ([b.clean] if ablation_type.clean_dataset else []) + \
-                     ([b.corrupt] if ablation_type.corrupt_dataset else [])
-            for x in inputs:
-                outs = _src_outs(pm, x, b.attention_mask)
-                s = outs.sum(dim=1, keepdim=True)
-                total = s if total is None else total + s
-                n += outs.shape[1]
-                batch = max(batch, outs.shape[1])
-        mean = total / n
-        return mean.expand(mean.shape[0], batch, *mean.shape[2:]).contiguous()
+        return dataset_tokenwise_mean(pm, list(sample), ablation_type)
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"{ablation_type.name} is computed on one batch: pass a tensor of model inputs, "
                         f"got {type(sample).__name__}")

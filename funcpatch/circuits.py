@@ -26,10 +26,11 @@ from typing import Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from tqdm.auto import tqdm
 
+from funcpatch import distributed
 from funcpatch.ablation import AblationType, as_ablation_type, enum_member, src_ablations
 from funcpatch.edge_counts import desc_prune_scores, prune_scores_threshold
 from funcpatch.forward import patched_forward, record_src_outs
-from funcpatch.state import init_state, patch_mode
+from funcpatch.state import _param_device, init_state, patch_mode
 
 PruneScores = Dict[str, torch.Tensor]
 #: ``{real edge count: {batch.key: model output[pm.out_slice]}}``
@@ -371,9 +372,13 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
     out: CircuitOutputs = {s: {} for s in sizes}
     template = init_state(pm)
     stacked = _stack([unique[s] for s in sizes]) if vmap_sizes else None
-    bar = progress_bar(total=len(batches) * len(sizes), progress=progress, desc="Running circuits")
+    mine = distributed.my_batches(batches)  # all of them without a process group
+    bar = progress_bar(total=len(mine) * len(sizes), progress=progress, desc="Running circuits")
+    local: List[Dict[int, torch.Tensor]] = []  # per batch: {real size: output}
     with torch.no_grad():
-        for batch in batches:
+        for batch in (batches[i] for i in mine):
+            got = {}
+            local.append(got)
             tokens = batch.clean if input_which == "clean" else batch.corrupt
             kwargs = {**forward_kwargs(batch, input_which), **last_position_kwargs(pm)}
             patch = batch_patch_values(pm, batch, patch_which, ablation_type, dataset_mean)
@@ -393,11 +398,14 @@ def run_circuits(pm, dataloader, test_edge_counts: Sequence[int], prune_scores: 
                                                    n)[pm.out_slice]
                     outs = outs.reshape(n, rows, *outs.shape[1:])
                     for i, s in enumerate(sizes[a:a + step]):
-                        out[s][batch.key] = outs[i].detach().clone()
+                        got[s] = outs[i].detach().clone()
                     bar.update(n)
             else:
                 for s in sizes:
-                    out[s][batch.key] = run(unique[s]).detach().clone()
+                    got[s] = run(unique[s]).detach().clone()
                     bar.update(1)
     bar.close()
+    for batch, got in zip(batches, distributed.gather_in_order(local, len(batches), _param_device(pm))):
+        for s in sizes:
+            out[s][batch.key] = got[s]
     return out

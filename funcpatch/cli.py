@@ -452,9 +452,11 @@ def discover(args) -> DiscoverResult:
     import torch
 
     import funcpatch as fp
-    from funcpatch import metrics
+    from funcpatch import distributed, metrics
     from funcpatch.circuits import PatchType, run_circuits
 
+    if distributed.init_from_env() and not distributed.is_main():  # under torchrun: rank 0 reports
+        quiet, progress = True, False
     torch.manual_seed(args.seed)
     _log(quiet, f"[1/4] loading {args.model} ({'zoo' if kind == 'zoo' else 'folder'})")
     hf, tok = load_model(args.model, kind, folder)
@@ -490,6 +492,9 @@ def discover(args) -> DiscoverResult:
 
     drawn, note = (min(args.edges, n_edges), "") if args.edges is not None else _choose_drawn(counts, faith, n_edges)
 
+    if not distributed.is_main():  # the other ranks computed their share; rank 0 writes
+        return DiscoverResult(scores, ps, counts, metric, faith, m_empty, m_full, c_pr, c_md, {}, n_edges, drawn,
+                              time.perf_counter() - t0, problem, note)
     _log(quiet, f"[4/4] writing {out}/")
     name = args.model if kind == "zoo" else Path(args.model).name
     files = {k: str(out / f) for k, f in zip(("circuit", "faithfulness", "scores", "edges", "summary"), OUTPUT_FILES)}
@@ -784,6 +789,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                                              f"{args.metric}, {n_test} test prompts)"))
         return 0
     result = discover(args)
+    if not result.files:  # a rank other than 0 under torchrun
+        return 0
     print(format_table(result, args.algo))
     if not args.quiet:
         print(f"wrote {', '.join(result.files.values())}  ({result.drawn_edges} edges drawn; "

@@ -8,6 +8,7 @@ ablations (``batch_src_ablations``) can be looked up again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
@@ -136,8 +137,8 @@ def _stack_or_list(ts: Sequence[torch.Tensor]) -> Answers:
 def batch_key(clean: torch.Tensor, corrupt: torch.Tensor) -> int:
     """A key that depends only on the tokens (not on Python's hash seed)."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(clean.contiguous().numpy().tobytes())
-    h.update(corrupt.contiguous().numpy().tobytes())
+    h.update(clean.detach().cpu().contiguous().numpy().tobytes())  # via the CPU: CUDA tensors have no numpy view
+    h.update(corrupt.detach().cpu().contiguous().numpy().tobytes())
     return int.from_bytes(h.digest(), "little")
 
 
@@ -157,6 +158,16 @@ def collate_prompt_pairs(pairs: Sequence[PromptPair], diverge_idx: int = 0) -> P
         attention_mask=_stack_masks([p.attention_mask for p in pairs], "attention_mask"),
         corrupt_attention_mask=_stack_masks([p.corrupt_attention_mask for p in pairs], "corrupt_attention_mask"),
     )
+
+
+def batch_rows(batch: PromptPairBatch, rows: slice) -> PromptPairBatch:
+    """The prompts ``rows`` of ``batch`` (a contiguous share of it), as a batch with the same key."""
+    def cut(x):
+        return None if x is None else x[rows]
+    return dataclasses.replace(batch, clean=batch.clean[rows], corrupt=batch.corrupt[rows],
+                               answers=cut(batch.answers), wrong_answers=cut(batch.wrong_answers),
+                               attention_mask=cut(batch.attention_mask),
+                               corrupt_attention_mask=cut(batch.corrupt_attention_mask))
 
 
 def _stack_masks(masks: Sequence[Optional[torch.Tensor]], what: str) -> Optional[torch.Tensor]:

@@ -81,27 +81,39 @@ def zero_mask_grads(pm, decoder, state, tokens: torch.Tensor, kwargs, loss: Call
         return _scores(pm, decoder, vis, grads, state.patch_src_outs, tokens.shape[0])
 
 
+def _diffs(pm, vis: _ZeroInputs, patch: torch.Tensor, batch: int, lo: int, hi: int):
+    """``(a, b, patch_s - out_s)`` for sources ``lo..hi-1``, one source module at a time
+    (``[b - a, batch, pos, d]``): the differences are never held for every source at once.
+    Positions a narrowed block did not compute keep the patch value (only destinations
+    narrowed alike read them)."""
+    for s in pm.graph.src_modules:
+        a, b = max(s.srcs[0], lo), min(s.srcs[1], hi)
+        if a >= b:
+            continue
+        out = vis.outs[s.module_name][a - s.srcs[0]:b - s.srcs[0]]
+        diff = scratch(f"eap diff {b - a}", (b - a, batch, *patch.shape[2:]), patch)  # heads, MLP: two buffers
+        diff.copy_(patch[a:b].expand(-1, batch, -1, -1))
+        diff[:, :, diff.shape[2] - out.shape[2]:] -= out
+        yield a, b, diff
+
+
 def _scores(pm, decoder, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: int) -> Dict[str, torch.Tensor]:
     """Mask-shaped ``<g, patch_s - out_s>`` for every destination module."""
     g = pm.graph
-    # every source's difference, once: [n_srcs, batch, pos, d] (sources of a block that ran
-    # on its last positions only fill those; only destinations narrowed alike read them)
-    diff = patch.expand(-1, batch, -1, -1).clone()
-    for s in g.src_modules:
-        out = vis.outs[s.module_name]
-        diff[s.srcs[0]:s.srcs[1], :, diff.shape[2] - out.shape[2]:] -= out
     scores = {}
     for d in g.dest_modules:
         lo, hi = d.in_srcs
         if d.n_heads is None:  # one "head": the gradient w.r.t. its own input
             grad_in = grads[d.module_name].unsqueeze(0)  # [1, batch, pos', d]
-            scores[d.module_name] = _dot(grad_in, diff[lo:hi, :, diff.shape[2] - grad_in.shape[2]:], g.seq_len)[..., 0, :]
+            scores[d.module_name] = torch.cat(
+                [_dot(grad_in, diff[:, :, diff.shape[2] - grad_in.shape[2]:], g.seq_len)
+                 for _, _, diff in _diffs(pm, vis, patch, batch, lo, hi)], -1)[..., 0, :]
     for block in vis.qkv_leaves:
         names = [f"blocks.{block}.hook_{x}_input" for x in "qkv"]
         split = names[0] in vis.dest_modules
         lo, hi = vis.dest_modules[names[0] if split else f"blocks.{block}.hook_attn_in"].in_srcs
-        per_slot = _head_scores(pm, decoder, block, grads[("qkv", block)], vis.checkpoints[(block, 0)][0],
-                                diff[lo:hi], split)
+        head = _HeadGrads(pm, decoder, block, grads[("qkv", block)], vis.checkpoints[(block, 0)][0], split)
+        per_slot = torch.cat([head.scores(diff) for _, _, diff in _diffs(pm, vis, patch, batch, lo, hi)], -1)
         if split:
             start = 0
             for name in names:
@@ -122,8 +134,7 @@ def _dot(grad_in: torch.Tensor, diff: torch.Tensor, seq_len) -> torch.Tensor:
     return F.pad(per_pos, (0, 0, 0, 0, seq_len - per_pos.shape[0], 0))
 
 
-def _head_scores(pm, decoder, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, diff: torch.Tensor,
-                 split: bool) -> torch.Tensor:
+class _HeadGrads:
     """``<g_h, diff_s>`` for every head slot of ``block`` (each Q/K/V slot when ``split``,
     else one slot per head), where ``g_h`` is the gradient w.r.t. the slot's own input,
     from ``grad_qkv [slots, batch, pos, d_head]`` (w.r.t. its projection): back through
@@ -132,39 +143,49 @@ def _head_scores(pm, decoder, block: int, grad_qkv: torch.Tensor, x: torch.Tenso
     The norm's backward ``g = rstd (y - mean(y) - xhat mean(y xhat))`` (``y``: the
     gradient at its output times its weight; RMSNorm has no ``mean(y)`` term) is applied
     to the differences' side of the product, per position, so ``g`` itself is never formed.
+    The slot side is computed once; :meth:`scores` takes the differences a chunk of
+    sources at a time.
     """
-    w = decoder.weights()
-    H, dh = decoder.n_heads, decoder.d_head
-    _, b, p, _ = grad_qkv.shape
-    d = x.shape[-1]
-    centred = decoder.arch.norm == "layer"
-    norm_w = w[f"{block}.ln1.w"]
-    if decoder.arch.norm == "rms_offset":
-        norm_w = 1.0 + norm_w
-    if split:
-        weight = decoder.slot_weights(w, block)[0] * norm_w  # [slots, dh, d]
-        G = grad_qkv.reshape(grad_qkv.shape[0], b * p, dh)
-    else:  # a head's slot feeds its Q, K and V: one product over the joined inner dims
-        weight = decoder.qkv_rows(w, block)[0].view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d) * norm_w
-        G = grad_qkv.reshape(3, H, b * p, dh).permute(1, 2, 0, 3).reshape(H, b * p, 3 * dh)
-    if centred:
-        x = x - x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(x.pow(2).mean(-1) + decoder.eps).reshape(b * p)
-    xhat = x.reshape(b * p, d) * rstd[:, None]
-    G = G * rstd[:, None]  # the norm's 1/std, per position, taken on the small side
-    # [slots, b*p, d]: gradient at the norm's output, times its weight and 1/std
-    y = torch.bmm(G, weight, out=scratch("eap head grads", (G.shape[0], b * p, d), G))
-    y_xhat = (G * torch.matmul(xhat, weight.transpose(1, 2))).sum(-1) / d  # [slots, b*p]: mean_d y * xhat
-    diff = diff.reshape(diff.shape[0], b * p, d)
-    d_xhat = torch.mul(diff, xhat, out=scratch("eap diff xhat", diff.shape, diff)).sum(-1)
-    if centred:
-        y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0] / d  # [slots, b*p]: mean_d y
-        d_sum = diff.sum(-1)  # [n_in, b*p]
-    if pm.graph.seq_len is None:
-        out = y.flatten(1) @ diff.flatten(1).T - y_xhat @ d_xhat.T
-        return out - y_sum @ d_sum.T if centred else out
-    out = (torch.einsum("hbpd,nbpd->phn", y.view(-1, b, p, d), diff.view(-1, b, p, d))
-           - torch.einsum("hbp,nbp->phn", y_xhat.view(-1, b, p), d_xhat.view(-1, b, p)))
-    if centred:
-        out = out - torch.einsum("hbp,nbp->phn", y_sum.view(-1, b, p), d_sum.view(-1, b, p))
-    return out
+
+    def __init__(self, pm, decoder, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, split: bool):
+        w = decoder.weights()
+        H, dh = decoder.n_heads, decoder.d_head
+        _, b, p, _ = grad_qkv.shape
+        d = x.shape[-1]
+        self.b, self.p, self.d, self.seq_len = b, p, d, pm.graph.seq_len
+        self.centred = decoder.arch.norm == "layer"
+        norm_w = w[f"{block}.ln1.w"]
+        if decoder.arch.norm == "rms_offset":
+            norm_w = 1.0 + norm_w
+        if split:
+            weight = decoder.slot_weights(w, block)[0] * norm_w  # [slots, dh, d]
+            G = grad_qkv.reshape(grad_qkv.shape[0], b * p, dh)
+        else:  # a head's slot feeds its Q, K and V: one product over the joined inner dims
+            weight = decoder.qkv_rows(w, block)[0].view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d) * norm_w
+            G = grad_qkv.reshape(3, H, b * p, dh).permute(1, 2, 0, 3).reshape(H, b * p, 3 * dh)
+        if self.centred:
+            x = x - x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(x.pow(2).mean(-1) + decoder.eps).reshape(b * p)
+        self.xhat = x.reshape(b * p, d) * rstd[:, None]
+        G = G * rstd[:, None]  # the norm's 1/std, per position, taken on the small side
+        # [slots, b*p, d]: gradient at the norm's output, times its weight and 1/std
+        self.y = torch.bmm(G, weight, out=scratch("eap head grads", (G.shape[0], b * p, d), G))
+        self.y_xhat = (G * torch.matmul(self.xhat, weight.transpose(1, 2))).sum(-1) / d  # [slots, b*p]: mean_d y*xhat
+        if self.centred:
+            self.y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0] / d  # [slots, b*p]: mean_d y
+
+    def scores(self, diff: torch.Tensor) -> torch.Tensor:
+        """``[slots, n]`` (per position ``[seq, slots, n]``) for ``diff [n, batch, pos, d]``."""
+        b, p, d = self.b, self.p, self.d
+        diff = diff.reshape(diff.shape[0], b * p, d)
+        d_xhat = torch.mul(diff, self.xhat, out=scratch(f"eap diff xhat {len(diff)}", diff.shape, diff)).sum(-1)
+        if self.centred:
+            d_sum = diff.sum(-1)  # [n, b*p]
+        if self.seq_len is None:
+            out = self.y.flatten(1) @ diff.flatten(1).T - self.y_xhat @ d_xhat.T
+            return out - self.y_sum @ d_sum.T if self.centred else out
+        out = (torch.einsum("hbpd,nbpd->phn", self.y.view(-1, b, p, d), diff.view(-1, b, p, d))
+               - torch.einsum("hbp,nbp->phn", self.y_xhat.view(-1, b, p), d_xhat.view(-1, b, p)))
+        if self.centred:
+            out = out - torch.einsum("hbp,nbp->phn", self.y_sum.view(-1, b, p), d_sum.view(-1, b, p))
+        return out

@@ -10,6 +10,13 @@ import torch
 
 import funcpatch as fp
 
+#: Where the shared model fixtures and ``tokens`` live: ``FUNCPATCH_TEST_DEVICE=cuda pytest``
+#: runs the tests that use them on a GPU (default: the CPU).
+DEVICE = torch.device(os.environ.get("FUNCPATCH_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("FUNCPATCH_TEST_DEVICE asks for CUDA but torch.cuda.is_available() is False; "
+                       "unset it or set it to 'cpu'")
+
 
 def has_bridge() -> bool:
     try:
@@ -32,7 +39,7 @@ def tiny_gpt2_bridge(n_layers=2, d_model=32, n_heads=2, vocab=50, seed=0):
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=n_heads, vocab_size=vocab,
                                     n_positions=32)).eval()
-    return fp.models.from_hf(hf)
+    return fp.models.from_hf(hf.to(DEVICE))
 
 
 def tiny_llama_bridge(seed=0):
@@ -41,7 +48,7 @@ def tiny_llama_bridge(seed=0):
     hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=50,
                                       max_position_embeddings=32)).eval()
-    return fp.models.from_hf(hf)
+    return fp.models.from_hf(hf.to(DEVICE))
 
 
 def tiny_neox_bridge(seed=0):
@@ -50,14 +57,14 @@ def tiny_neox_bridge(seed=0):
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, vocab_size=50, max_position_embeddings=32,
                                           use_parallel_residual=True)).eval()
-    return fp.models.from_hf(hf)
+    return fp.models.from_hf(hf.to(DEVICE))
 
 
 def tiny_hooked(attn_only=False, seed=0):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=None if attn_only else 64,
                                   n_ctx=32, d_vocab=50, act_fn=None if attn_only else "gelu", attn_only=attn_only,
-                                  seed=seed, tokenizer_name=None)
+                                  seed=seed, tokenizer_name=None, device=str(DEVICE))
     return HookedTransformer(cfg).eval()
 
 
@@ -101,4 +108,4 @@ def any_lm():
 
 def tokens(seed, batch=3, seq=6, vocab=50):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, seq), generator=g)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(DEVICE)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import funcpatch as fp
+from conftest import DEVICE
 from funcpatch import algos
 from funcpatch.data import PromptPairBatch
 
@@ -31,7 +32,7 @@ def tiny_gpt2():
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16, initializer_range=0.2,
                      bos_token_id=0, eos_token_id=0)
-    return fp.models.from_hf(transformers.GPT2LMHeadModel(cfg).eval())
+    return fp.models.from_hf(transformers.GPT2LMHeadModel(cfg).eval().to(DEVICE))
 
 
 def tiny_hooked():
@@ -58,6 +59,7 @@ def token_loader(n=4, batch_size=2, seed=1):
     corrupt = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     ans = torch.randint(0, VOCAB, (n, 1), generator=g)
     wrong = torch.randint(0, VOCAB, (n, 1), generator=g)
+    clean, corrupt, ans, wrong = (t.to(DEVICE) for t in (clean, corrupt, ans, wrong))
     return fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, ans, wrong), seq_len=SEQ, batch_size=batch_size)
 
 
@@ -532,3 +534,41 @@ def test_bad_arguments_raise_clear_errors(micro):
         algos.exact_patching(micro, batches, batch_edges=0)
     with pytest.raises(TypeError, match="PromptPairBatch"):
         algos.eap(micro, [1, 2])
+
+
+# --------------------------------------------------------------------------------------
+# Memory budget: sub-batches of prompts give the whole batch's scores
+
+
+@pytest.mark.parametrize("call", [
+    lambda pm, dl, **kw: algos.eap(pm, dl, progress=False, **kw),
+    lambda pm, dl, **kw: algos.eap(pm, dl, ablation_type="batch_tokenwise_mean", progress=False, **kw),
+    lambda pm, dl, **kw: algos.eap(pm, dl, ablation_type="tokenwise_mean_corrupt", clean_corrupt=None,
+                                   progress=False, **kw),
+    lambda pm, dl, **kw: algos.eap(pm, dl, per_prompt=True, progress=False, **kw),
+    lambda pm, dl, **kw: algos.eap_ig(pm, dl, samples=2, variant="mask", progress=False, **kw),
+    lambda pm, dl, **kw: algos.eap_ig(pm, dl, samples=2, variant="inputs", progress=False, **kw),
+], ids=["eap", "batch_mean", "dataset_mean", "per_prompt", "ig_mask", "ig_inputs"])
+def test_max_memory_splits_batches_into_sub_batches_with_the_same_scores(call, monkeypatch):
+    import importlib
+    mg = importlib.import_module("funcpatch.algos.mask_gradient")  # the module, not the function
+    pm = fp.patchable(tiny_gpt2(), slice_output="last_seq")
+    dl = token_loader(n=6, batch_size=3)
+    want = call(pm, dl)
+    rows = []
+    real = mg._batch_grads
+    monkeypatch.setattr(mg, "_batch_grads", lambda *a, **k: rows.append(a[3].shape[0]) or real(*a, **k))
+    got = call(pm, dl, max_memory=1)  # one prompt per sub-batch
+    assert set(rows) == {1}, rows
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6 * float(want[k].abs().max())), k
+    rows.clear()
+    assert call(pm, dl, max_memory=2 ** 40).keys() == want.keys()  # everything fits: whole batches
+    assert set(rows) == {3}
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])
+def test_max_memory_must_be_a_positive_int(bad):
+    pm = fp.patchable(tiny_gpt2(), slice_output="last_seq")
+    with pytest.raises(ValueError, match="max_memory"):
+        algos.eap(pm, token_loader(), max_memory=bad, progress=False)

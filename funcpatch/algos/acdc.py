@@ -75,9 +75,11 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 
+from funcpatch import distributed
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
                                 progress_bar, resolve_clean_corrupt, stacked_patched_forward)
+from funcpatch.data import batch_rows
 from funcpatch.forward import patched_forward
 from funcpatch.graph import Edge
 from funcpatch.patchable import PatchableModel
@@ -198,8 +200,9 @@ class _Evaluator:
                                           resume)[self.pm.out_slice]
         return out.reshape(k, self.batch, *out.shape[1:])
 
-    def faith(self, outs: torch.Tensor) -> torch.Tensor:
-        """``[K]``: the faithfulness metric of each circuit's outputs ``[K, batch, ...]``."""
+    def faith_sums(self, outs: torch.Tensor) -> torch.Tensor:
+        """``[K]``: the faithfulness metric of each circuit's outputs ``[K, batch, ...]``,
+        summed (not yet averaged) over the batch and positions."""
         k = outs.shape[0]
         if self.target == "kl_div":
             # fp.metrics.kl_divergence's arithmetic, its clean side (q, log q) computed once
@@ -208,17 +211,21 @@ class _Evaluator:
                 q = logq.exp()
                 self.clean_probs = q, torch.where(q > 0, logq, torch.zeros_like(logq))
             q, logq = self.clean_probs
-            return (q * (logq - torch.log_softmax(outs, dim=-1))).sum(-1).reshape(k, -1).mean(1)
-        return (outs - self.clean_out.unsqueeze(0)).pow(2).reshape(k, -1).mean(1)
+            return (q * (logq - torch.log_softmax(outs, dim=-1))).sum(-1).reshape(k, -1).sum(1)
+        return (outs - self.clean_out.unsqueeze(0)).pow(2).reshape(k, -1).sum(1)
 
     def evaluate(self, removed: torch.Tensor, keep_outputs: bool = False):
-        faiths, outs = [], []
+        sums, outs = [], []
         for start in range(0, removed.shape[0], self.max_k):
             o = self.outputs(removed[start:start + self.max_k])
-            faiths.extend(self.faith(o).tolist())
+            sums.append(self.faith_sums(o))
             if keep_outputs:
                 outs.append(o)
-        return faiths, (torch.cat(outs) if keep_outputs else None)
+        # the mean over every prompt and position; under torch.distributed the ranks' shares
+        # of the batch are added in rank order, so every rank takes the same decisions
+        per_item = self.clean_out[..., 0] if self.target == "kl_div" else self.clean_out
+        sums, count = distributed.sum_in_rank_order((torch.cat(sums), torch.tensor(per_item.numel())))
+        return (sums / count).tolist(), (torch.cat(outs) if keep_outputs else None)
 
 
 def _dest_point(module_name: str) -> int:
@@ -332,6 +339,9 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
     batch = _first_batch(dataloader)
     which = resolve_clean_corrupt(ablation_type, "corrupt")
     patch = batch_patch_values(pm, batch, which, ablation_type, dataset_mean_ablation(pm, dataloader, ablation_type))
+    # under torch.distributed each rank evaluates every circuit on its share of the prompts
+    rows = distributed.my_rows(batch.clean.shape[0], "first batch")
+    batch, patch = batch_rows(batch, rows), patch[:, rows]
     kwargs = forward_kwargs(batch, "clean")
     tokens = batch.clean
     with torch.no_grad():
@@ -362,7 +372,7 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
         active = [r for r in runs if r.ptr < n]
         while active:
             # Candidates of every active run (deduplicated across runs).
-            keys: Dict[bytes, int] = {}
+            keys: Dict[Tuple[int, ...], int] = {}
             cands: List[torch.Tensor] = []
             plans = []
             for r in active:
@@ -372,7 +382,7 @@ def _acdc_runs(pm, dataloader, taus, faithfulness_target, ablation_type, test_mo
                     j = order[r.ptr + step]
                     c = cur.clone()
                     c[j] = True
-                    key = c.numpy().tobytes()
+                    key = tuple(torch.nonzero(c)[:, 0].tolist())
                     if key not in keys:
                         keys[key] = len(cands)
                         cands.append(c)

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Literal, Optional, Tuple, Union
 import torch
 from torch.func import vmap
 
+from funcpatch import distributed
 from funcpatch.ablation import AblationType
 from funcpatch.algos.mask_gradient import _check_batch_answers, _check_common, answer_loss
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
@@ -93,12 +94,13 @@ def exact_patching(pm, dataloader, metric: Optional[Callable[[torch.Tensor, obje
     if total != pm.graph.n_edges:
         raise RuntimeError(f"the masks hold {total} entries but the graph has {pm.graph.n_edges} edges")
     like = next(iter(template.masks.values()))
-    flat_scores = torch.zeros(total, dtype=like.dtype, device=like.device)
     chunks = [(a, min(a + batch_edges, total)) for a in range(0, total, batch_edges)]
 
-    bar = progress_bar(total=len(batches) * len(chunks), progress=progress, desc="Exact patching")
+    mine = distributed.my_batches(batches)  # all of them without a process group
+    per_batch = []
+    bar = progress_bar(total=len(mine) * len(chunks), progress=progress, desc="Exact patching")
     with torch.no_grad():
-        for batch in batches:
+        for batch in (batches[i] for i in mine):
             patch = batch_patch_values(pm, batch, which, ablation_type, dataset_mean)
             state = patch_mode(pm, template, patch)
             kwargs = {**forward_kwargs(batch, "clean"), **last_position_kwargs(pm)}
@@ -112,10 +114,15 @@ def exact_patching(pm, dataloader, metric: Optional[Callable[[torch.Tensor, obje
                 return value
 
             base = loss(template.masks)
+            batch_scores = torch.zeros(total, dtype=like.dtype, device=like.device)
             for a, b in chunks:
                 vals = vmap(loss)(one_hot_masks(pm, a, b, template.masks))
-                flat_scores[a:b] += (vals - base).to(flat_scores.dtype)
+                batch_scores[a:b] = (vals - base).to(batch_scores.dtype)
                 bar.update(1)
+            per_batch.append(batch_scores)
     bar.close()
+    flat_scores = torch.zeros(total, dtype=like.dtype, device=like.device)
+    for batch_scores in distributed.gather_in_order(per_batch, len(batches), like.device):
+        flat_scores += batch_scores  # in batch order: the same sums on every rank as in one process
     parts = torch.split(flat_scores, [int(torch.Size(s).numel()) for _, s in layout])
     return {name: p.reshape(shape).clone() for (name, shape), p in zip(layout, parts)}

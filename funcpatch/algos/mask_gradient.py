@@ -22,18 +22,19 @@ Conventions (those of auto-circuit's ``mask_gradient_prune_scores``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Literal, Optional, Sequence, Union
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-from funcpatch import metrics
+from funcpatch import distributed, metrics
 from funcpatch.ablation import AblationType, as_ablation_type
 from funcpatch.circuits import (batch_patch_values, dataset_mean_ablation, forward_kwargs, last_position_kwargs,
                                 materialize_batches, progress_bar, resolve_clean_corrupt)
+from funcpatch.data import batch_rows
 from funcpatch.forward import patched_forward, record_src_outs
-from funcpatch.state import PatchState, edge_masks, init_state
+from funcpatch.state import PatchState, _param_device, edge_masks, init_state
 
 PruneScores = Dict[str, torch.Tensor]
 
@@ -223,7 +224,8 @@ def mask_gradient(pm, dataloader, grad_function: str = "logit", answer_function:
                   mask_val: Optional[float] = None, integrated_grad_samples: Optional[int] = None,
                   ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
                   clean_corrupt: Optional[Literal["clean", "corrupt"]] = "corrupt", per_prompt: bool = False,
-                  progress: bool = True, vmap_chunk_size: Optional[int] = None) -> PruneScores:
+                  progress: bool = True, vmap_chunk_size: Optional[int] = None,
+                  max_memory: Optional[int] = None) -> PruneScores:
     """Prune scores: the gradient of the loss with respect to every edge mask.
 
     The same numbers as auto-circuit's ``mask_gradient_prune_scores``. For each batch the
@@ -253,6 +255,13 @@ def mask_gradient(pm, dataloader, grad_function: str = "logit", answer_function:
             prompt at a time: vmap cannot batch the bridge's padding logic).
         progress: tqdm progress bar.
         vmap_chunk_size: with ``per_prompt``, prompts per vmapped chunk (None: all).
+        max_memory: a budget in bytes for the per-source tensors of one step (the patch
+            values and the sources' clean outputs, ``2 x [n_srcs, rows, seq, d_model]``,
+            which dominate the peak on models with many sources): each batch runs in
+            sub-batches of as many prompts as fit (at least one), the gradients of the
+            batch's mean loss added with weights ``rows / batch``. None: whole batches.
+            Ablations that average over the batch (BATCH_*_MEAN) are still computed on
+            the whole batch.
 
     Returns:
         PruneScores: dest module -> ``[seq?, heads?, n_in_srcs]`` (with ``per_prompt``:
@@ -278,20 +287,68 @@ def mask_gradient(pm, dataloader, grad_function: str = "logit", answer_function:
     loss_fn = _loss_fn(grad_function, answer_function)
     dataset_mean = dataset_mean_ablation(pm, dataloader, ablation_type)
 
-    bar = progress_bar(total=len(batches) * len(values), progress=progress, desc="Mask gradients")
+    _check_max_memory(max_memory)
+    mine = distributed.my_batches(batches)  # all of them without a process group
+    bar = progress_bar(total=len(mine) * len(values), progress=progress, desc="Mask gradients")
     per_batch: List[Dict[str, torch.Tensor]] = []
-    for batch in batches:
-        patch = batch_patch_values(pm, batch, which, ablation_type, dataset_mean).detach()
-        kwargs = forward_kwargs(batch, "clean")
-        total = None
-        for v in values:
-            base = init_state(pm, v)
-            g = _batch_grads(pm, base, patch, batch.clean, kwargs, batch, loss_fn, per_prompt, vmap_chunk_size)
-            total = _accumulate(total, g)
-            bar.update(1)
-        per_batch.append(total)
+    for batch in (batches[i] for i in mine):
+        shares = []
+        for share, patch in _shares(pm, batch, which, ablation_type, dataset_mean, max_memory):
+            kwargs = forward_kwargs(share, "clean")
+            total = None
+            for v in values:
+                base = init_state(pm, v)
+                g = _batch_grads(pm, base, patch, share.clean, kwargs, share, loss_fn, per_prompt, vmap_chunk_size)
+                total = _accumulate(total, g)
+            shares.append((total, share.clean.shape[0]))
+        bar.update(len(values))
+        per_batch.append(_join_shares(shares, per_prompt))
     bar.close()
-    return _combine(per_batch, per_prompt)
+    return _combine(distributed.gather_in_order(per_batch, len(batches), _param_device(pm)), per_prompt)
+
+
+def _check_max_memory(max_memory) -> None:
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
+                                   or max_memory < 1):
+        raise ValueError(f"max_memory must be a positive int (bytes) or None, got {max_memory!r}")
+
+
+def _shares(pm, batch, which, ablation_type: AblationType, dataset_mean, max_memory: Optional[int]):
+    """``(sub-batch, its patch values)`` for consecutive prompts of ``batch``: the whole
+    batch with ``max_memory=None``, else as many prompts per sub-batch as keep
+    ``2 x [n_srcs, rows, seq, d_model]`` (patch values and the recorded clean outputs)
+    within ``max_memory`` bytes."""
+    n = batch.clean.shape[0]
+    if max_memory is None:
+        yield batch, batch_patch_values(pm, batch, which, ablation_type, dataset_mean).detach()
+        return
+    rows = batch_rows(batch, slice(0, 1))
+    one = batch_patch_values(pm, rows, which, ablation_type, dataset_mean)
+    step = max(1, max_memory // (2 * one.numel() * one.element_size()))
+    # the batch means need every prompt of the batch; the other types are per prompt
+    whole = (batch_patch_values(pm, batch, which, ablation_type, dataset_mean)
+             if ablation_type in (AblationType.BATCH_TOKENWISE_MEAN, AblationType.BATCH_ALL_TOK_MEAN) else None)
+    for a in range(0, n, step):
+        share = batch_rows(batch, slice(a, a + step))
+        patch = whole[:, a:a + step] if whole is not None else (
+            one if a == 0 and step == 1 else batch_patch_values(pm, share, which, ablation_type, dataset_mean))
+        yield share, patch.detach()
+
+
+def _join_shares(shares: List[Tuple[Dict[str, torch.Tensor], int]], per_prompt: bool) -> Dict[str, torch.Tensor]:
+    """One batch's gradients from its sub-batches' ``(gradients, prompts)``: per prompt,
+    their rows in order; else the sum weighted by each sub-batch's share of the prompts
+    (the loss is a mean over them)."""
+    if len(shares) == 1:
+        return shares[0][0]
+    if per_prompt:
+        return {k: torch.cat([g[k] for g, _ in shares]) for k in shares[0][0]}
+    n = sum(rows for _, rows in shares)
+    out = {k: v * (shares[0][1] / n) for k, v in shares[0][0].items()}
+    for g, rows in shares[1:]:
+        for k, v in g.items():
+            out[k] = out[k] + v * (rows / n)
+    return out
 
 
 def _combine(per_batch: List[Dict[str, torch.Tensor]], per_prompt: bool) -> PruneScores:
@@ -307,20 +364,23 @@ def _combine(per_batch: List[Dict[str, torch.Tensor]], per_prompt: bool) -> Prun
 def eap(pm, dataloader, answer_function: str = "avg_diff", grad_function: str = "logit",
         ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
         clean_corrupt: Optional[Literal["clean", "corrupt"]] = "corrupt", per_prompt: bool = False,
-        progress: bool = True, vmap_chunk_size: Optional[int] = None) -> PruneScores:
+        progress: bool = True, vmap_chunk_size: Optional[int] = None, max_memory: Optional[int] = None
+        ) -> PruneScores:
     """Edge attribution patching (Syed et al. 2023): :func:`mask_gradient` at ``mask_val=0``.
 
     Score of edge ``src -> dest`` = ``sum_batches sum_{prompt, pos, d} (patch_src - clean_src)
     * dL/d(dest input)`` at the clean run, with ``L = -logit_diff`` by default. Sign
     convention (auto-circuit's, and that of Syed et al.'s code): a positive score means
     patching the edge is predicted to *lower* the logit difference. Rank by ``|score|``.
+    ``max_memory``: see :func:`mask_gradient`.
 
     Returns:
         PruneScores (``[n_prompts, ...]`` per module with ``per_prompt``).
     """
     return mask_gradient(pm, dataloader, grad_function=grad_function, answer_function=answer_function,
                          mask_val=0.0, ablation_type=ablation_type, clean_corrupt=clean_corrupt,
-                         per_prompt=per_prompt, progress=progress, vmap_chunk_size=vmap_chunk_size)
+                         per_prompt=per_prompt, progress=progress, vmap_chunk_size=vmap_chunk_size,
+                         max_memory=max_memory)
 
 
 def _resid_start_edges(pm):
@@ -342,7 +402,8 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
            endpoint: Literal["clean", "corrupt"] = "clean", grad_function: str = "logit", answer_function: str = "avg_diff",
            ablation_type: Union[AblationType, str] = AblationType.RESAMPLE,
            clean_corrupt: Optional[Literal["clean", "corrupt"]] = "corrupt", per_prompt: bool = False,
-           progress: bool = True, vmap_chunk_size: Optional[int] = None) -> PruneScores:
+           progress: bool = True, vmap_chunk_size: Optional[int] = None, max_memory: Optional[int] = None
+           ) -> PruneScores:
     """EAP with integrated gradients, over the masks or over the inputs.
 
     ``variant="mask"``: :func:`mask_gradient` with ``integrated_grad_samples=samples``:
@@ -387,6 +448,9 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
     Other ablation types interpolate towards their own embedding value (e.g. ZERO
     towards a zero embedding) and use ``patch_src - clean_src`` likewise.
 
+    ``max_memory``: see :func:`mask_gradient` (here three per-source tensors: the patch
+    values, the clean outputs and their blend).
+
     Returns:
         PruneScores (``[n_prompts, ...]`` per module with ``per_prompt``).
     """
@@ -401,7 +465,7 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
         return mask_gradient(pm, dataloader, grad_function=grad_function, answer_function=answer_function,
                              integrated_grad_samples=samples, ablation_type=ablation_type,
                              clean_corrupt=clean_corrupt, per_prompt=per_prompt, progress=progress,
-                             vmap_chunk_size=vmap_chunk_size)
+                             vmap_chunk_size=vmap_chunk_size, max_memory=max_memory)
 
     ablation_type, which = _check_common(pm, grad_function, answer_function, ablation_type, clean_corrupt)
     rs, rs_edges = _resid_start_edges(pm)
@@ -413,25 +477,31 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
     held = {k: v.bool() for k, v in edge_masks(pm, rs_edges, 1.0).items()}
     template = init_state(pm)
 
-    bar = progress_bar(total=len(batches) * samples, progress=progress, desc="EAP-IG (inputs)")
+    _check_max_memory(max_memory)
+    mine = distributed.my_batches(batches)
+    bar = progress_bar(total=len(mine) * samples, progress=progress, desc="EAP-IG (inputs)")
     per_batch = []
-    for batch in batches:
-        patch = batch_patch_values(pm, batch, which, ablation_type, dataset_mean).detach()
-        kwargs = forward_kwargs(batch, "clean")
-        with torch.no_grad():
-            clean_outs = record_src_outs(pm, batch.clean, **kwargs)[1]
-        is_rs = torch.zeros(patch.shape[0], dtype=torch.bool, device=patch.device)
-        is_rs[rs.src_idx] = True
-        patch2 = torch.where(is_rs.view(-1, *([1] * (patch.dim() - 1))), patch, clean_outs.to(patch.dtype))
-        total = None
-        for k in range(1, samples + 1) if endpoint == "clean" else range(samples):
-            alpha = 1.0 - k / samples
-            masks = {name: h.to(template.masks[name].dtype) * alpha for name, h in held.items()}
-            base = dataclasses.replace(template, masks=masks)
-            g = _batch_grads(pm, base, patch, batch.clean, kwargs, batch, loss_fn, per_prompt, vmap_chunk_size,
-                             patch2=patch2, held=held)
-            total = _accumulate(total, g)
-            bar.update(1)
-        per_batch.append({name: v / samples for name, v in total.items()})
+    for batch in (batches[i] for i in mine):
+        shares = []
+        budget = None if max_memory is None else max(1, 2 * max_memory // 3)  # _shares counts two tensors
+        for share, patch in _shares(pm, batch, which, ablation_type, dataset_mean, budget):
+            kwargs = forward_kwargs(share, "clean")
+            with torch.no_grad():
+                clean_outs = record_src_outs(pm, share.clean, **kwargs)[1]
+            is_rs = torch.zeros(patch.shape[0], dtype=torch.bool, device=patch.device)
+            is_rs[rs.src_idx] = True
+            patch2 = torch.where(is_rs.view(-1, *([1] * (patch.dim() - 1))), patch, clean_outs.to(patch.dtype))
+            del clean_outs
+            total = None
+            for k in range(1, samples + 1) if endpoint == "clean" else range(samples):
+                alpha = 1.0 - k / samples
+                masks = {name: h.to(template.masks[name].dtype) * alpha for name, h in held.items()}
+                base = dataclasses.replace(template, masks=masks)
+                g = _batch_grads(pm, base, patch, share.clean, kwargs, share, loss_fn, per_prompt,
+                                 vmap_chunk_size, patch2=patch2, held=held)
+                total = _accumulate(total, g)
+            shares.append(({name: v / samples for name, v in total.items()}, share.clean.shape[0]))
+        bar.update(samples)
+        per_batch.append(_join_shares(shares, per_prompt))
     bar.close()
-    return _combine(per_batch, per_prompt)
+    return _combine(distributed.gather_in_order(per_batch, len(batches), _param_device(pm)), per_prompt)

@@ -42,15 +42,17 @@ from typing import Dict, List, Literal, Optional, Sequence, Union
 
 import torch
 
-from funcpatch.ablation import AblationType, as_ablation_type
+from funcpatch import distributed
+from funcpatch.ablation import AblationType, as_ablation_type, dataset_tokenwise_mean
 from funcpatch.circuits import (batch_patch_values, forward_kwargs, last_position_kwargs, materialize_batches,
                                 progress_bar)
+from funcpatch.data import batch_rows
 from funcpatch.edge_counts import prune_scores_threshold
-from funcpatch.forward import patched_forward, record_src_outs
+from funcpatch.forward import patched_forward
 from funcpatch.metrics import (answer_value, correct_answer_percent, kl_divergence, logit_diff,
                                logit_diff_percent)
 from funcpatch.patchable import PatchableModel
-from funcpatch.state import (HC_LEFT, HC_RIGHT, HC_TEMP, MASK_FNS, PatchState, init_state, mask_fn_mode,
+from funcpatch.state import (HC_LEFT, HC_RIGHT, HC_TEMP, MASK_FNS, MaskNoise, PatchState, init_state, mask_fn_mode,
                              sample_mask_noise)
 
 __all__ = ["subnetwork_probing", "subnetwork_probing_run", "circuit_probing", "ProbingResult",
@@ -128,23 +130,6 @@ def _check_common(pm, learning_rate, epochs, regularize_lambda, mask_fn, dropout
 # Patch values and targets
 
 
-def _dataset_mean(pm, batches, ablation_type: AblationType) -> torch.Tensor:
-    """TOKENWISE_MEAN_* over a list of batches: ``[n_srcs, max batch, seq, d]``."""
-    total, n, width = None, 0, 0
-    for b in batches:
-        parts = ([("clean", b.clean)] if ablation_type.clean_dataset else []) + \
-                ([("corrupt", b.corrupt)] if ablation_type.corrupt_dataset else [])
-        for which, x in parts:
-            with torch.no_grad():
-                outs = record_src_outs(pm, x, **forward_kwargs(b, which))[1]
-            s = outs.sum(dim=1, keepdim=True)
-            total = s if total is None else total + s
-            n += outs.shape[1]
-            width = max(width, outs.shape[1])
-    mean = total / n
-    return mean.expand(mean.shape[0], width, *mean.shape[2:]).contiguous()
-
-
 def _patch_values(pm, batches, ablation_type, clean_corrupt, tree) -> List[torch.Tensor]:
     """Patch values ``[n_srcs, batch, seq, d]`` for each batch, in order."""
     if ablation_type.batch_specific:
@@ -158,7 +143,7 @@ def _patch_values(pm, batches, ablation_type, clean_corrupt, tree) -> List[torch
         which = None
     mean = None
     if ablation_type.mean_over_dataset:
-        mean = _dataset_mean(pm, batches, ablation_type)
+        mean = dataset_tokenwise_mean(pm, batches, ablation_type)
     return [batch_patch_values(pm, b, which, ablation_type, mean) for b in batches]
 
 
@@ -287,11 +272,23 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
             bar.set_description_str(f"Subnetwork Probing epoch {epoch} loss {result.losses[-1]:.3f} "
                                     f"{faithfulness_target} {result.faithfulness[-1]:.3f}", refresh=False)
         for i, batch in enumerate(batches):
-            inputs = batch.clean if tree else batch.corrupt
-            noise = noise_for(inputs.shape[0])
-            state = state_for(masks, patches[i], noise)
-            logits = patched_forward(pm, state, inputs, **forward_kwargs(batch, which_in), **lean)[pm.out_slice]
-            faith = _faithfulness(faithfulness_target, logits, clean_logits[i], batch)
+            # under torch.distributed each rank runs its share of the batch's prompts; every
+            # rank draws the whole batch's noise, so the generator stays in step everywhere
+            n_rows = batch.clean.shape[0]
+            noise = noise_for(n_rows)
+            rows = distributed.my_rows(n_rows, allow_empty=True)
+            share = batch_rows(batch, rows)
+            if hc:
+                noise = MaskNoise(*({m: u[rows] for m, u in part.items()} if part is not None else None
+                                    for part in (noise.concrete, noise.dropout)))
+            state = state_for(masks, patches[i][:, rows], noise)
+            inputs = share.clean if tree else share.corrupt
+            faith = torch.zeros((), device=device)  # an empty share (fewer prompts than ranks) adds nothing
+            if len(inputs):
+                logits = patched_forward(pm, state, inputs, **forward_kwargs(share, which_in), **lean)[pm.out_slice]
+                # the targets are means over prompts: a share weighs its fraction of the batch
+                faith = _faithfulness(faithfulness_target, logits, clean_logits[i][rows], share)
+                faith = faith * (len(inputs) / n_rows)
 
             flat = torch.cat([p.reshape(-1) for p in params])
             if hc:
@@ -311,14 +308,17 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
                 if mask_fn is not None:
                     penalty = torch.sigmoid(penalty - (_REGULARIZE_CONST if hc else 0.0))
                 regularize = regularize + weight * penalty
-            loss = faith + regularize * regularize_lambda
+            # the faithfulness gradients of the shares, added in rank order, then the penalty's
+            faith_grads = _grads(faith, params)
+            faith, faith_grads = distributed.sum_in_rank_order((faith.detach(), faith_grads), device)
+            grads = [a + b for a, b in zip(faith_grads, _grads(regularize * regularize_lambda, params))]
+            loss = faith + regularize.detach() * regularize_lambda
 
             result.losses.append(loss.item())
             result.faithfulness.append(faith.item())
             result.regularization.append(regularize.item() * regularize_lambda)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
             for p, g in zip(params, grads):
-                p.grad = torch.zeros_like(p) if g is None else g
+                p.grad = g
             optim.step()
 
             if val_batches is not None:
@@ -343,6 +343,14 @@ def _train(pm, dataloader, learning_rate, epochs, regularize_lambda, mask_fn, dr
         _plot_history(result, faithfulness_target)
     return ProbingResult(scores, final, result.losses, result.faithfulness, result.regularization,
                          result.val_faithfulness, result.val_stds)
+
+
+def _grads(value: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``d value / d params`` (zeros where ``value`` does not depend on a parameter)."""
+    if not value.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    got = torch.autograd.grad(value, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, got)]
 
 
 def _plot_history(result: ProbingResult, faithfulness_target: str) -> None:
