@@ -91,6 +91,7 @@ def plain(pm, tokens):
 
 
 @pytest.mark.parametrize("vmap_sizes", [False, True])
+
 def test_endpoints_gpt2(gpt2, loader, vmap_sizes):
     scores = distinct_scores(gpt2)
     n = gpt2.n_edges
@@ -121,16 +122,8 @@ def test_intermediate_circuits_equal_manual_patching(micro):
         for k in (3, 7):
             circuit = order[:k]
             for b in batches:
-                if patch_type == PatchType.EDGE_PATCH:  # corrupt run, circuit edges carry clean values
-                    state = fp.patch_mode(micro, fp.init_state(micro), fp.src_ablations(micro, b.clean), circuit)
-                    x = b.corrupt
-                else:  # clean run, every other edge carries corrupt values
-                    rest = [e for e in micro.graph.edges if e not in circuit]
-                    state = fp.patch_mode(micro, fp.init_state(micro), fp.src_ablations(micro, b.corrupt), rest)
-                    x = b.clean
-                with torch.no_grad():
-                    ref = fp.patched_forward(micro, state, x)[:, -1]
-                torch.testing.assert_close(out[k][b.key], ref, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(out[k][b.key], _circuit_by_hand(micro, b, circuit, patch_type),
+                                           rtol=1e-12, atol=1e-12)
 
 
 def test_ties_are_all_included_and_keyed_by_real_size(micro):
@@ -202,16 +195,8 @@ def test_exact_sizes_break_ties_in_graph_order(micro, seq_len):
         b = batches[0]
         for c in (1, n // 2):  # the same output as patching those edges by hand
             circuit = [pm.graph.edges[i] for i in order[:c]]
-            if patch_type == PatchType.EDGE_PATCH:
-                state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, b.clean), circuit)
-                x = b.corrupt
-            else:
-                rest = [e for e in pm.graph.edges if e not in circuit]
-                state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, b.corrupt), rest)
-                x = b.clean
-            with torch.no_grad():
-                ref = fp.patched_forward(pm, state, x)[:, -1]
-            torch.testing.assert_close(out[c][b.key], ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(out[c][b.key], _circuit_by_hand(pm, b, circuit, patch_type),
+                                       rtol=1e-12, atol=1e-12)
     # the default keeps the tie rule: every infinite score is in the "1-edge" circuit
     n_inf = sum(math.isinf(v) for v in values)
     assert n_inf > 1
@@ -272,3 +257,18 @@ def test_bad_arguments(micro):
     other = dataclasses.replace(batches[0], corrupt=batches[0].corrupt[:, :2])
     with pytest.raises(ValueError, match="same shape"):
         run_circuits(micro, [other], [1], scores)
+
+
+def _circuit_by_hand(pm, b, circuit, patch_type):
+    """The last-position output of ``circuit`` on batch ``b``, built edge by edge with
+    patch_mode: EDGE_PATCH runs the corrupt prompts with the circuit's edges carrying
+    clean values; TREE_PATCH runs the clean prompts with every other edge corrupt."""
+    if patch_type == PatchType.EDGE_PATCH:
+        state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, b.clean), circuit)
+        x = b.corrupt
+    else:
+        rest = [e for e in pm.graph.edges if e not in circuit]
+        state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, b.corrupt), rest)
+        x = b.clean
+    with torch.no_grad():
+        return fp.patched_forward(pm, state, x)[:, -1]
