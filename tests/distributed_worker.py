@@ -50,6 +50,18 @@ def run_all():
     out["probing_masks"] = sp.masks
     out["probing_losses"] = torch.tensor(sp.losses)
     out["circuit_probing"] = algos.circuit_probing(pm, loader, circuit_sizes=[5, 20], epochs=2, progress=False)
+    import funcpatch.mib.evaluation as mib_eval
+    calls = []
+    real = mib_eval.patched_forward
+    mib_eval.patched_forward = lambda *a, **k: calls.append(1) or real(*a, **k)  # counts this rank's forwards
+    try:
+        for intervention in ("patching", "mean-positional"):  # the second also splits the means' batches
+            res = fp.mib.evaluate(pm, loader, out["eap"], intervention=intervention,
+                                  intervention_dataloader=loader if intervention != "patching" else None)
+            out[f"mib_{intervention}"] = list(res.faithfulnesses) + [res.area_under, res.area_from_1]
+    finally:
+        mib_eval.patched_forward = real
+    out["mib_forwards"] = len(calls)
     return out
 
 

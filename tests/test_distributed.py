@@ -67,7 +67,7 @@ def _close(a, b, rtol=1e-6):
 
 
 BITWISE = ["eap", "eap_per_prompt", "mask_ig", "inputs_ig", "eap_tokenwise_mean", "tokenwise_mean", "exact",
-           "circuits", "circuit_keys"]
+           "circuits", "circuit_keys", "mib_patching", "mib_mean-positional"]
 
 
 @pytest.mark.parametrize("name", BITWISE)
@@ -75,6 +75,11 @@ def test_batch_split_results_equal_one_process_exactly(two_ranks, single, name):
     # per-batch results are gathered and summed in batch order: the same bits
     for rank in two_ranks[1]:
         _close(rank[name], single[name], rtol=0.0)
+
+
+def test_mib_evaluation_splits_its_batches(two_ranks, single):
+    counts = [rank["mib_forwards"] for rank in two_ranks[1]]
+    assert sum(counts) == single["mib_forwards"] and max(counts) < single["mib_forwards"], counts
 
 
 @pytest.mark.parametrize("name", ["acdc", "probing_masks", "probing_losses", "circuit_probing"])

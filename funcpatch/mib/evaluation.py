@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from funcpatch import distributed
 from funcpatch.circuits import check_prune_scores, forward_kwargs, materialize_batches
 from funcpatch.forward import patched_forward, record_src_outs
 from funcpatch.intervene import intervene
@@ -150,9 +151,10 @@ def _means(pm, loader, positional: bool) -> torch.Tensor:
     it: per prompt, each source's value at its last real token divided by the prompt's
     length, averaged over prompts, then averaged over all sources.
     """
-    total, acc = 0, None
+    total, parts = 0, []
+    batches = materialize_batches(loader, "intervention_dataloader")
     with torch.no_grad():
-        for b in materialize_batches(loader, "intervention_dataloader"):
+        for b in (batches[i] for i in distributed.my_batches(batches)):
             kwargs = forward_kwargs(b, "clean")
             outs = record_src_outs(pm, b.clean, **kwargs)[1]
             outs = torch.cat([_token_embedding(pm, b.clean, kwargs)[None].to(outs.dtype), outs[1:]])
@@ -163,11 +165,14 @@ def _means(pm, loader, positional: bool) -> torch.Tensor:
                 part = outs.sum(dim=1)
             else:
                 part = (outs[:, :, -1] / _lengths(b).to(outs)[None, :, None]).sum(dim=1)
-            if acc is not None and part.shape != acc.shape:
-                raise ValueError(f"mean-positional: prompts of different lengths ({tuple(part.shape)} vs "
-                                 f"{tuple(acc.shape)}); MIB's positional mean needs one length")
-            acc = part if acc is None else acc + part
-            total += b.clean.shape[0]
+            parts.append((part, b.clean.shape[0]))
+    acc = None
+    for part, n in distributed.gather_in_order(parts, len(batches)):  # batch order: one process's sums
+        if acc is not None and part.shape != acc.shape:
+            raise ValueError(f"mean-positional: prompts of different lengths ({tuple(part.shape)} vs "
+                             f"{tuple(acc.shape)}); MIB's positional mean needs one length")
+        acc = part if acc is None else acc + part
+        total += n
     if acc is None:
         raise ValueError("intervention_dataloader has no batches")
     acc = acc / total
@@ -289,8 +294,10 @@ def _curve(pm, dataloader, empty_circuit, circuits, fractions, intervention, log
     batches = materialize_batches(dataloader)
     template = init_state(pm)
 
+    mine = distributed.my_batches(batches)  # all of them without a process group
     with torch.no_grad():
-        prepared = [(b, forward_kwargs(b, "clean"), _patch_values(pm, b, intervention, means)) for b in batches]
+        prepared = [(b, forward_kwargs(b, "clean"), _patch_values(pm, b, intervention, means))
+                    for b in (batches[i] for i in mine)]
 
         def score(in_graph: Optional[Dict[str, torch.Tensor]]) -> float:
             values = []
@@ -302,7 +309,8 @@ def _curve(pm, dataloader, empty_circuit, circuits, fractions, intervention, log
                     state = dataclasses.replace(patch_mode(pm, template, patch), masks=masks)
                     out = patched_forward(pm, state, b.clean, **kwargs)
                 values.append(metric_fn(_logits(out)[:, -1], b).reshape(-1))
-            return float(torch.cat(values).mean())
+            # every batch's values, in batch order on every rank (the same mean as one process)
+            return float(torch.cat(distributed.gather_in_order(values, len(batches))).mean())
 
         baseline = score(None)
         empty = score(empty_circuit)
