@@ -44,15 +44,15 @@ are evaluated together each step:
    destination's unimportant inputs, or every input of an important one), so this cuts
    the number of sequential forwards severalfold for typically 10-30% extra candidates.
 
-3. **Only what a circuit changes** (models with a lean forward, :mod:`funcpatch.lean`:
-   GPT-2 bridges). Every edge into a destination before a circuit's first removed edge
+3. **Only what a circuit changes** (where ``pm.forward.checkpoints`` offers resume
+   points: funcpatch's own forward, :mod:`funcpatch.decoder`, except Gemma-2). Every edge into a destination before a circuit's first removed edge
    is kept, so up to there the circuit runs exactly as the clean forward. One clean
    forward records the residual at every checkpoint (each block's attention and MLP,
    and the end) and every source's output; each evaluation resumes at the checkpoint
    of its earliest removed edge, the patch values and the earlier outputs serving all
    ``K`` circuits untiled. Head slots whose masks are 0 in every circuit read the
    residual unpatched, and with ``slice_output="last_seq"`` the last block's tail and
-   the unembedding run at the last position only. Other models run every candidate
+   the unembedding run at the last position only. Elsewhere every candidate runs
    through the whole patched forward.
 
 Measured on the benchmark's 2-layer model (``benchmarks/``): 0.34-0.35 s for two τ
