@@ -146,6 +146,22 @@ def test_discover_zoo_model_with_grouped_query_attention(tmp_path):
 
 
 @needs_bridge
+def test_discover_grouped_kv_graph(tmp_path):
+    """--grouped-kv: one K and one V destination per key/value head, recorded in summary.json,
+    and EAP's top edges are the grouped reference circuit."""
+    out = tmp_path / "out"
+    code, stdout, stderr = run_main(["discover", "--model", "induction_gqa", "--grouped-kv", "--algo", "eap",
+                                     "--prompts", "16", "--batch-size", "16", "--out", str(out), "--quiet"])
+    assert code == 0, stderr
+    summary = check_outputs(out, stdout)
+    assert summary["grouped_kv"] is True and summary["n_edges"] == 82
+    edges = json.loads((out / "edges.json").read_text())
+    dests = {e["dest"] for e in edges}
+    assert {f"A1.kv{g}.{x}" for g in range(2) for x in "KV"} <= dests and "A1.0.K" not in dests
+    ref = json.loads((zoo.model_dir("induction_gqa") / "reference_circuit_grouped_kv.json").read_text())["edges"]
+    assert {e["edge"] for e in edges[:len(ref)]} == set(ref)
+
+@needs_bridge
 def test_discover_local_folder_and_ablation_case(tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(zoo.model_dir("induction"), folder)  # a plain transformers folder with its dataset.json
