@@ -139,7 +139,9 @@ class DecoderForward:
         rotary = None
         if a.positions == "rotary":
             cos, sin = self.rotary(resid, pos.expand(b, p) if pos.shape[0] != b else pos)
-            rotary = (cos.to(resid.dtype), sin.to(resid.dtype))
+            cos, sin = cos.to(resid.dtype), sin.to(resid.dtype)
+            half = sin.shape[-1] // 2  # the first half's sine with its sign: see _rotate
+            rotary = (cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
         masks = {}  # window -> the keys each query may see
         checkpoint = getattr(visitor, "checkpoint", None)
         for i in range(start, self.n_layers):
@@ -340,13 +342,15 @@ class DecoderForward:
         return out.transpose(0, 1) if batch_major else out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, dims: int) -> torch.Tensor:
     """Rotary position embedding on the first ``dims`` of each head's dims (the rotated
-    halves convention of Llama and GPT-NeoX); ``x [heads, b, p, dh]``, ``cos``/``sin [b | 1, p, dims]``."""
+    halves convention of Llama and GPT-NeoX): ``x * cos + rotate_half(x) * sin``, with
+    ``rotate_half(x) = (-x2, x1)`` written as the swapped halves ``(x2, x1)`` times the sine
+    with its first half negated (``signed_sin``, once per forward). ``x [heads, b, p, dh]``,
+    ``cos``/``signed_sin [b | 1, p, dims]``."""
     rot, rest = (x, None) if dims == x.shape[-1] else (x[..., :dims], x[..., dims:])
     half = dims // 2
-    turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    out = torch.addcmul(rot * cos, turned, sin)
+    out = torch.addcmul(rot * cos, torch.cat([rot[..., half:], rot[..., :half]], dim=-1), signed_sin)
     return out if rest is None else torch.cat([out, rest], dim=-1)
 
 
