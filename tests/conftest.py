@@ -26,6 +26,18 @@ def has_bridge() -> bool:
         return False
 
 
+def run_main(argv):
+    """``funcpatch`` with ``argv`` in this process: ``(exit code, stdout, stderr)``."""
+    import contextlib
+    import io
+
+    from funcpatch import cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
 def has_hooked() -> bool:
     try:
         from transformer_lens import HookedTransformer  # noqa: F401

@@ -215,7 +215,7 @@ def test_gemma2_head_edges_carry_the_change_in_the_normalized_output():
     pm = fp.patchable(hf)
     state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, corrupt), edges=["A0.2->MLP 1"])
     got = fp.patched_forward(pm, state, clean)
-    attn, dh, d = hf.model.layers[0].self_attn, hf.config.head_dim, hf.config.hidden_size
+    attn, dh = hf.model.layers[0].self_attn, hf.config.head_dim
     z = {}
     h = attn.o_proj.register_forward_hook(lambda m, a, o: z.__setitem__("z", a[0]))
     with torch.no_grad():

@@ -1,8 +1,6 @@
 """The ``funcpatch`` command: discover writes its files and prints the table; errors are one
 line on stderr with a non-zero exit status, never a traceback."""
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -17,27 +15,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from funcpatch import cli, metrics, zoo  # noqa: E402
+from conftest import has_bridge, run_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = ("circuit.png", "faithfulness.png", "scores.safetensors", "edges.json", "summary.json")
 
 
-def has_bridge():
-    try:
-        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 needs_bridge = pytest.mark.skipif(not has_bridge(), reason="no TransformerBridge in this TransformerLens")
-
-
-def run_main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(code, err, *needles):

@@ -1,34 +1,17 @@
 """``funcpatch discover --mib-out`` and ``funcpatch evaluate``: evaluate runs on the files
 discover wrote, in each format, and the MIB layout holds circuits of MIB's sizes."""
 
-import contextlib
-import io
 import json
 import re
 
 import pytest
 
 import funcpatch as fp
-from funcpatch import cli
+from conftest import has_bridge, run_main  # noqa: E402
 
-
-
-def has_bridge():
-    try:
-        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 pytestmark = pytest.mark.skipif(not has_bridge(), reason="no TransformerBridge in this TransformerLens")
-
-
-def run_main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 SMALL = ["--model", "ioi", "--prompts", "8", "--batch-size", "8", "--quiet"]
