@@ -254,8 +254,7 @@ class DecoderForward:
                 if len(slots):
                     qkv = qkv.index_copy(0, slots, self._project(w, ln, x, w_in[slots],
                                                                  None if b_slots is None else b_slots[slots]))
-            n_kv = self.n_kv_slots
-            q, k, v = qkv[:H], qkv[H:H + n_kv], qkv[H + n_kv:]
+            q, k, v = self._split_slots(qkv)
         else:
             x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
             if x is not None:
@@ -271,11 +270,9 @@ class DecoderForward:
             else:
                 seen = getattr(visitor, "plain_qkv", None)  # funcpatch.zero_grads: gradients per head slot
                 if seen is not None:
-                    qkv = seen(i, self._plain_slots(w, i, resid))  # [slots, b, p, dh]
-                    q, k, v = qkv[:H], qkv[H:H + self.n_kv_slots], qkv[H + self.n_kv_slots:]
+                    q, k, v = self._split_slots(seen(i, self._plain_slots(w, i, resid)))  # [slots, b, p, dh]
                 else:
-                    weight, bias = self.qkv_rows(w, i)
-                    rows = F.linear(self.norm(w, ln, resid), weight, bias).view(b, p, H + 2 * G, dh).permute(2, 0, 1, 3)
+                    rows = self._plain_rows(w, i, resid)  # [H + 2G, b, p, dh]: K/V per key/value head
                     q, k, v = rows[:H], rows[H:H + G], rows[H + G:]
         if a.qk_norm:
             q, k = self.norm(w, f"{i}.q_norm", q), self.norm(w, f"{i}.k_norm", k)
@@ -299,12 +296,20 @@ class DecoderForward:
             out = normed
         return out
 
-    def _plain_slots(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
-        """Every Q/K/V slot of block ``i`` projected from the residual itself: ``[slots, b, p, dh]``."""
+    def _split_slots(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[slots, ...]`` -> its Q, K and V slots (K and V: per query head, or per group)."""
+        H, n_kv = self.n_heads, self.n_kv_slots
+        return qkv[:H], qkv[H:H + n_kv], qkv[H + n_kv:]
+
+    def _plain_rows(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s Q, K and V heads projected from the residual itself: ``[H + 2G, b, p, dh]``."""
         b, p, _ = resid.shape
         weight, bias = self.qkv_rows(w, i)
-        rows = F.linear(self.norm(w, f"{i}.ln1", resid), weight, bias).view(b, p, -1, self.d_head)
-        rows = rows.permute(2, 0, 1, 3)  # [H + 2G, b, p, dh]
+        return F.linear(self.norm(w, f"{i}.ln1", resid), weight, bias).view(b, p, -1, self.d_head).permute(2, 0, 1, 3)
+
+    def _plain_slots(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
+        """Every Q/K/V slot of block ``i`` projected from the residual itself: ``[slots, b, p, dh]``."""
+        rows = self._plain_rows(w, i, resid)
         if len(self.slot_rows) == rows.shape[0]:
             return rows
         return rows.index_select(0, self.slot_rows.to(rows.device))
