@@ -63,9 +63,13 @@ class PatchForward(Protocol):
         ``src_outs`` were computed on (circuits stacked along the batch)."""
 
     def zero_mask_grads(self, pm, state: PatchState, tokens: torch.Tensor, kwargs,
-                        loss: Callable[[object], torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+                        loss: Callable[[object], torch.Tensor],
+                        resid: Optional[torch.Tensor] = None) -> Optional[Dict[str, torch.Tensor]]:
         """``dL/dmasks`` at masks = 0 from one plain forward/backward, or None where this
-        forward has no such shortcut (then ``torch.func.grad`` of :meth:`patched` serves)."""
+        forward has no such shortcut (then ``torch.func.grad`` of :meth:`patched` serves).
+        With ``resid [batch, pos, d]`` the residual stream starts there (EAP-IG-inputs'
+        interpolated embedding) and ``state.patch_src_outs`` are fixed differences
+        (:func:`funcpatch.zero_grads.zero_mask_grads`)."""
 
 
 def check_state(pm, state: PatchState) -> None:

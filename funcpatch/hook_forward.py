@@ -158,5 +158,5 @@ class HookForward:
             patch = patch.repeat(1, repeats, 1, 1)
         return self.patched(pm, dataclasses.replace(state, patch_src_outs=patch), args, kwargs)
 
-    def zero_mask_grads(self, pm, state, tokens, kwargs, loss):
+    def zero_mask_grads(self, pm, state, tokens, kwargs, loss, resid=None):
         return None  # torch.func.grad of the patched forward serves

@@ -75,5 +75,5 @@ class OwnForward:
             return self.fallback.resumed(pm, state, point, resid, src_outs, args, kwargs, repeats)
         return run(SrcMajorPatcher(pm, state, before=src_outs, repeats=repeats))
 
-    def zero_mask_grads(self, pm, state, tokens, kwargs, loss):
-        return zero_mask_grads(pm, self.decoder, state, tokens, kwargs, loss)
+    def zero_mask_grads(self, pm, state, tokens, kwargs, loss, resid=None):
+        return zero_mask_grads(pm, self.decoder, state, tokens, kwargs, loss, resid)

@@ -18,6 +18,11 @@ the plain (clean) forward. No per-head copies of the residual are needed to get 
 ``-m^T g = 0`` at masks = 0, so this is the exact gradient.) Equal to
 ``torch.func.grad`` of the patched forward in tests/test_algos_grad.py. Not used where
 heads are normalized after they are summed (Gemma-2: their edges are not additive).
+
+EAP-IG-inputs (``fp.algos.eap_ig(variant="inputs")``) needs the same ``g`` on a forward
+whose residual stream starts at an interpolated embedding, times *fixed* differences
+(the patch values minus the clean run's outputs): ``resid`` resumes the forward there
+and the differences are given, so nothing per source is recorded in that forward.
 """
 
 from __future__ import annotations
@@ -34,10 +39,15 @@ from funcpatch.source_major import CheckpointRecorder
 class _ZeroInputs(CheckpointRecorder):
     """Records sources and block inputs, and adds zero leaves at every destination."""
 
-    def __init__(self, pm):
+    def __init__(self, pm, record: bool = True):
         super().__init__(pm)
+        self.record = record  # False: the differences are given (nothing per source is kept)
         self.leaves: Dict[str, torch.Tensor] = {}  # dest module -> zero leaf (its input's gradient)
         self.qkv_leaves: Dict[int, torch.Tensor] = {}  # block -> zero leaf on the projected q/k/v
+
+    def src(self, name: str, out: torch.Tensor) -> None:
+        if self.record:
+            super().src(name, out)
 
     def narrow(self, k: int) -> bool:
         return True  # the loss reads the last positions only; sources there are scored alike
@@ -58,19 +68,25 @@ class _ZeroInputs(CheckpointRecorder):
         return qkv + leaf
 
 
-def zero_mask_grads(pm, decoder, state, tokens: torch.Tensor, kwargs, loss: Callable) -> Optional[Dict]:
+def zero_mask_grads(pm, decoder, state, tokens: torch.Tensor, kwargs, loss: Callable,
+                    resid: Optional[torch.Tensor] = None) -> Optional[Dict]:
     """``dL/dmasks`` at ``state``, whose masks must be 0 (dest module -> mask-shaped
     tensor), with ``loss(model output) -> scalar``, on ``decoder``
     (:class:`funcpatch.decoder.DecoderForward`). None where this does not apply (a call
     the decoder does not take, post-normalized heads, masks not all 0 or transformed, or
-    a torch.func transform active): then take ``torch.func.grad`` of the patched forward."""
+    a torch.func transform active): then take ``torch.func.grad`` of the patched forward.
+
+    With ``resid [batch, pos, d]`` the residual stream starts there (in place of the
+    embedding, the Resid Start node's output) and ``state.patch_src_outs`` holds fixed
+    differences ``[n_srcs, batch, pos, d]``: the result is ``<g_dest, patch_src_outs[s]>``
+    (the mask gradient of a forward whose differences do not depend on it)."""
     if (decoder.arch.post_norms or torch._C._are_functorch_transforms_active() or state.mask_fn is not None
             or state.dropout_p > 0 or any(bool(m.any()) for m in state.masks.values())):
         return None
-    run = decoder.bind((tokens,), kwargs, None)
+    run = decoder.bind((tokens,), kwargs, None, resume=None if resid is None else ((0, 0), resid))
     if run is None:
         return None
-    vis = _ZeroInputs(pm)
+    vis = _ZeroInputs(pm, record=resid is None)
     with torch.enable_grad():
         value = loss(run(vis))
         leaves = list(vis.leaves.values()) + list(vis.qkv_leaves.values())
@@ -85,10 +101,14 @@ def _diffs(pm, vis: _ZeroInputs, patch: torch.Tensor, batch: int, lo: int, hi: i
     """``(a, b, patch_s - out_s)`` for sources ``lo..hi-1``, one source module at a time
     (``[b - a, batch, pos, d]``): the differences are never held for every source at once.
     Positions a narrowed block did not compute keep the patch value (only destinations
-    narrowed alike read them)."""
+    narrowed alike read them). A visitor that recorded nothing was given the differences
+    themselves: their slices."""
     for s in pm.graph.src_modules:
         a, b = max(s.srcs[0], lo), min(s.srcs[1], hi)
         if a >= b:
+            continue
+        if not vis.record:
+            yield a, b, patch[a:b]
             continue
         out = vis.outs[s.module_name][a - s.srcs[0]:b - s.srcs[0]]
         diff = scratch(f"eap diff {b - a}", (b - a, batch, *patch.shape[2:]), patch)  # heads, MLP: two buffers

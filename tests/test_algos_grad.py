@@ -556,8 +556,13 @@ def test_max_memory_splits_batches_into_sub_batches_with_the_same_scores(call, m
     dl = token_loader(n=6, batch_size=3)
     want = call(pm, dl)
     rows = []
-    real = mg._batch_grads
-    monkeypatch.setattr(mg, "_batch_grads", lambda *a, **k: rows.append(a[3].shape[0]) or real(*a, **k))
+    real = mg._shares
+
+    def spy(*a, **k):  # the prompts of each sub-batch
+        for share, patch_values in real(*a, **k):
+            rows.append(share.clean.shape[0])
+            yield share, patch_values
+    monkeypatch.setattr(mg, "_shares", spy)
     got = call(pm, dl, max_memory=1)  # one prompt per sub-batch
     assert set(rows) == {1}, rows
     for k in want:

@@ -293,8 +293,9 @@ def mask_gradient(pm, dataloader, grad_function: str = "logit", answer_function:
     per_batch: List[Dict[str, torch.Tensor]] = []
     for batch in (batches[i] for i in mine):
         shares = []
-        for share, patch in _shares(pm, batch, which, ablation_type, dataset_mean, max_memory):
+        for share, patch_values in _shares(pm, batch, which, ablation_type, dataset_mean, max_memory):
             kwargs = forward_kwargs(share, "clean")
+            patch = patch_values()
             total = None
             for v in values:
                 base = init_state(pm, v)
@@ -314,25 +315,27 @@ def _check_max_memory(max_memory) -> None:
 
 
 def _shares(pm, batch, which, ablation_type: AblationType, dataset_mean, max_memory: Optional[int]):
-    """``(sub-batch, its patch values)`` for consecutive prompts of ``batch``: the whole
-    batch with ``max_memory=None``, else as many prompts per sub-batch as keep
-    ``2 x [n_srcs, rows, seq, d_model]`` (patch values and the recorded clean outputs)
-    within ``max_memory`` bytes."""
+    """``(sub-batch, patch_values)`` for consecutive prompts of ``batch``, where
+    ``patch_values()`` computes that sub-batch's patch values (on each call: so that only
+    the caller holds them): the whole batch with ``max_memory=None``, else as many prompts
+    per sub-batch as keep ``2 x [n_srcs, rows, seq, d_model]`` (patch values and the
+    recorded clean outputs) within ``max_memory`` bytes."""
+    def values(rows):
+        return lambda: batch_patch_values(pm, rows, which, ablation_type, dataset_mean).detach()
+
     n = batch.clean.shape[0]
     if max_memory is None:
-        yield batch, batch_patch_values(pm, batch, which, ablation_type, dataset_mean).detach()
+        yield batch, values(batch)
         return
-    rows = batch_rows(batch, slice(0, 1))
-    one = batch_patch_values(pm, rows, which, ablation_type, dataset_mean)
+    one = values(batch_rows(batch, slice(0, 1)))()
     step = max(1, max_memory // (2 * one.numel() * one.element_size()))
+    del one
     # the batch means need every prompt of the batch; the other types are per prompt
-    whole = (batch_patch_values(pm, batch, which, ablation_type, dataset_mean)
+    whole = (values(batch)()
              if ablation_type in (AblationType.BATCH_TOKENWISE_MEAN, AblationType.BATCH_ALL_TOK_MEAN) else None)
     for a in range(0, n, step):
         share = batch_rows(batch, slice(a, a + step))
-        patch = whole[:, a:a + step] if whole is not None else (
-            one if a == 0 and step == 1 else batch_patch_values(pm, share, which, ablation_type, dataset_mean))
-        yield share, patch.detach()
+        yield share, (values(share) if whole is None else lambda a=a: whole[:, a:a + step])
 
 
 def _join_shares(shares: List[Tuple[Dict[str, torch.Tensor], int]], per_prompt: bool) -> Dict[str, torch.Tensor]:
@@ -475,33 +478,77 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
     loss_fn = _loss_fn(grad_function, answer_function)
     dataset_mean = dataset_mean_ablation(pm, dataloader, ablation_type)
     held = {k: v.bool() for k, v in edge_masks(pm, rs_edges, 1.0).items()}
-    template = init_state(pm)
 
     _check_max_memory(max_memory)
     mine = distributed.my_batches(batches)
     bar = progress_bar(total=len(mine) * samples, progress=progress, desc="EAP-IG (inputs)")
+    alphas = [1.0 - k / samples for k in (range(1, samples + 1) if endpoint == "clean" else range(samples))]
     per_batch = []
     for batch in (batches[i] for i in mine):
         shares = []
         budget = None if max_memory is None else max(1, 2 * max_memory // 3)  # _shares counts two tensors
-        for share, patch in _shares(pm, batch, which, ablation_type, dataset_mean, budget):
-            kwargs = forward_kwargs(share, "clean")
-            with torch.no_grad():
-                clean_outs = record_src_outs(pm, share.clean, **kwargs)[1]
-            is_rs = torch.zeros(patch.shape[0], dtype=torch.bool, device=patch.device)
-            is_rs[rs.src_idx] = True
-            patch2 = torch.where(is_rs.view(-1, *([1] * (patch.dim() - 1))), patch, clean_outs.to(patch.dtype))
-            del clean_outs
-            total = None
-            for k in range(1, samples + 1) if endpoint == "clean" else range(samples):
-                alpha = 1.0 - k / samples
-                masks = {name: h.to(template.masks[name].dtype) * alpha for name, h in held.items()}
-                base = dataclasses.replace(template, masks=masks)
-                g = _batch_grads(pm, base, patch, share.clean, kwargs, share, loss_fn, per_prompt,
-                                 vmap_chunk_size, patch2=patch2, held=held)
-                total = _accumulate(total, g)
+        for share, patch_values in _shares(pm, batch, which, ablation_type, dataset_mean, budget):
+            total = _ig_inputs_one_backward(pm, share, patch_values, rs.src_idx, alphas, loss_fn, per_prompt)
+            if total is None:  # no such path for this forward: torch.func.grad of the patched forward
+                total = _ig_inputs_grad(pm, share, patch_values(), rs.src_idx, alphas, loss_fn, per_prompt,
+                                        vmap_chunk_size, held)
             shares.append(({name: v / samples for name, v in total.items()}, share.clean.shape[0]))
         bar.update(samples)
         per_batch.append(_join_shares(shares, per_prompt))
     bar.close()
     return _combine(distributed.gather_in_order(per_batch, len(batches), _param_device(pm)), per_prompt)
+
+
+def _ig_inputs_grad(pm, share, patch: torch.Tensor, rs_idx: int, alphas: Sequence[float], loss_fn, per_prompt: bool,
+                    chunk_size: Optional[int], held: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """EAP-IG-inputs' mask gradients of one (sub-)batch summed over the interpolation
+    points ``alphas`` (the Resid Start masks), each as one ``torch.func.grad`` of
+    ``L(M, P1) - L(M', P2)`` (see :func:`eap_ig`, steps 1 and 2)."""
+    kwargs = forward_kwargs(share, "clean")
+    with torch.no_grad():
+        clean_outs = record_src_outs(pm, share.clean, **kwargs)[1]
+    is_rs = torch.zeros(patch.shape[0], dtype=torch.bool, device=patch.device)
+    is_rs[rs_idx] = True
+    patch2 = torch.where(is_rs.view(-1, *([1] * (patch.dim() - 1))), patch, clean_outs.to(patch.dtype))
+    del clean_outs
+    template = init_state(pm)
+    total = None
+    for alpha in alphas:
+        masks = {name: h.to(template.masks[name].dtype) * alpha for name, h in held.items()}
+        base = dataclasses.replace(template, masks=masks)
+        g = _batch_grads(pm, base, patch, share.clean, kwargs, share, loss_fn, per_prompt, chunk_size,
+                         patch2=patch2, held=held)
+        total = _accumulate(total, g)
+    return total
+
+
+def _ig_inputs_one_backward(pm, share, patch_values: Callable[[], torch.Tensor], rs_idx: int,
+                            alphas: Sequence[float], loss_fn, per_prompt: bool) -> Optional[Dict[str, torch.Tensor]]:
+    """What :func:`_ig_inputs_grad` returns, from one plain forward and backward per point
+    where ``pm.forward`` has that path, else None: the residual stream starts at the
+    interpolated embedding ``z + a (z' - z)`` and the gradients at the destinations meet
+    the fixed differences ``patch - clean`` (``pm.forward.zero_mask_grads`` with
+    ``resid``). The differences are formed in the clean outputs' memory, after which the
+    patch values are dropped: one per-source tensor is held during the steps, not three."""
+    patch = patch_values()
+    with torch.no_grad():
+        diffs = record_src_outs(pm, share.clean, **forward_kwargs(share, "clean"))[1].to(patch.dtype)
+        start = diffs[rs_idx].clone()  # z, the clean embedding
+        torch.sub(patch, diffs, out=diffs)  # a fresh tensor: nothing else holds it
+    del patch
+    template = init_state(pm)
+    totals = []
+    for rows in ([slice(j, j + 1) for j in range(share.clean.shape[0])] if per_prompt else [slice(None)]):
+        part = batch_rows(share, rows)
+        state = dataclasses.replace(template, patch_src_outs=diffs[:, rows])
+        kwargs = {**forward_kwargs(part, "clean"), **last_position_kwargs(pm)}
+        total = None
+        for alpha in alphas:
+            g = pm.forward.zero_mask_grads(pm, state, part.clean, kwargs,
+                                           lambda out: loss_fn(out[pm.out_slice], part.answers, part.wrong_answers),
+                                           start[rows] + alpha * diffs[rs_idx, rows])
+            if g is None:
+                return None
+            total = _accumulate(total, g)
+        totals.append(total)
+    return totals[0] if not per_prompt else {k: torch.stack([t[k] for t in totals]) for k in totals[0]}
