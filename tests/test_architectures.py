@@ -5,6 +5,7 @@ scaled embeddings, query_pre_attn_scalar), with grouped-query attention in both 
 forms. Checked against transformers' own forward and hand-written hooks on it."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -364,3 +365,49 @@ def test_resumed_forward_equals_the_whole_forward(name):
         got = pm.forward.resumed(pm, dataclasses.replace(state, masks=masks), point, resid.repeat(2, 1, 1),
                                  src_outs[:n_before], (clean.repeat(2, 1),), {}, repeats=2)
         assert rel(got, whole) <= 1e-5, point
+
+
+@pytest.fixture
+def one_thread():
+    # tiny tensors: more threads only contend (minutes instead of seconds on a loaded 2-core machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name,graph", [("gpt2", {}), ("gpt2", {"separate_qkv": False}), ("gpt2", {"seq_len": SEQ}),
+                                        ("gpt_neox", {}), ("llama3-gqa", {}), ("llama3-gqa", {"grouped_kv": True}),
+                                        ("qwen3", {"grouped_kv": True}), ("gemma2", {})])
+def test_eap_ig_inputs_one_backward_equals_torch_func_grad(name, graph, monkeypatch, one_thread):
+    """EAP-IG-inputs from one plain forward/backward per step (funcpatch.zero_grads with
+    ``resid``) equals the torch.func.grad path, which runs when the forward declines the
+    shortcut: both endpoints, per prompt or not, with and without padding. Gemma-2's
+    post-normalized heads always take the torch.func path."""
+    pm = fp.patchable(model(name), slice_output="last_seq", **graph)
+    clean, corrupt = toks(20, batch=4), toks(21, batch=4)
+    mask, cmask = torch.ones_like(clean), torch.ones_like(clean)
+    mask[0, :3], mask[2, :1], cmask[1, :2] = 0, 0, 0  # left padding, clean and corrupt apart
+    plain = fp.PromptPairBatch(0, 0, clean, corrupt, ANSWERS, WRONG)
+    padded = dataclasses.replace(plain, attention_mask=mask, corrupt_attention_mask=cmask)
+    real = pm.forward.zero_mask_grads
+    fast = []
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        fast.append(out is not None and (len(a) > 5 or "resid" in k))
+        return out
+
+    def scores(batch, **kw):
+        got = fp.algos.eap_ig(pm, [batch], samples=3, variant="inputs", progress=False, **kw)
+        return torch.cat([v.flatten() for v in got.values()])
+
+    cases = list(itertools.product((plain, padded), ("clean", "corrupt"), (False, True)))
+    for batch, endpoint, per_prompt in cases[:1] if name == "gemma2" else cases:  # gemma2: two torch.func runs
+        monkeypatch.setattr(pm.forward, "zero_mask_grads", spy)
+        fast.clear()
+        got = scores(batch, endpoint=endpoint, per_prompt=per_prompt)
+        assert fast and all(fast) == (name != "gemma2")
+        monkeypatch.setattr(pm.forward, "zero_mask_grads", lambda *a, **k: None)  # the torch.func path
+        want = scores(batch, endpoint=endpoint, per_prompt=per_prompt)
+        assert rel(got, want) <= 1e-5, (endpoint, per_prompt, batch is padded)
