@@ -447,12 +447,20 @@ def eap_ig(pm, dataloader, samples: int = 50, variant: Literal["mask", "inputs"]
        the clean embedding, so their ``P1`` gradient is already the score. Both runs are
        one ``torch.func.grad`` of ``L(M, P1) - L(M', P2)``, ``M'`` holding the Resid Start
        masks fixed.
+    3. One backward. Where ``pm.forward`` allows (funcpatch's own forward, heads not
+       normalized after their sum, no transform active), the same numbers come from one
+       plain forward per point whose residual stream starts at ``z + a (z' - z)``, one
+       backward to every destination's input, and the product with the differences
+       ``patch_src - clean_src``, formed once per batch
+       (:func:`funcpatch.zero_grads.zero_mask_grads`): no per-slot inputs are
+       differentiated and one per-source tensor is kept, not three. Elsewhere step 2 runs.
 
     Other ablation types interpolate towards their own embedding value (e.g. ZERO
     towards a zero embedding) and use ``patch_src - clean_src`` likewise.
 
-    ``max_memory``: see :func:`mask_gradient` (here three per-source tensors: the patch
-    values, the clean outputs and their blend).
+    ``max_memory``: see :func:`mask_gradient` (here counting three per-source tensors:
+    the patch values, the clean outputs and their blend, which step 2 holds; step 3
+    holds at most two, while it forms the differences).
 
     Returns:
         PruneScores (``[n_prompts, ...]`` per module with ``per_prompt``).
