@@ -537,7 +537,9 @@ def _ig_inputs_one_backward(pm, share, patch_values: Callable[[], torch.Tensor],
     interpolated embedding ``z + a (z' - z)`` and the gradients at the destinations meet
     the fixed differences ``patch - clean`` (``pm.forward.zero_mask_grads`` with
     ``resid``). The differences are formed in the clean outputs' memory, after which the
-    patch values are dropped: one per-source tensor is held during the steps, not three."""
+    patch values are dropped: one per-source tensor is held during the steps, not three.
+    (A forward without that path says so at the first point, after a clean run and the
+    patch values, which the fallback then computes again: two plain forwards, no grad.)"""
     patch = patch_values()
     with torch.no_grad():
         diffs = record_src_outs(pm, share.clean, **forward_kwargs(share, "clean"))[1].to(patch.dtype)
