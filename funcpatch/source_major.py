@@ -32,10 +32,17 @@ class SrcMajorRecorder:
         self.src_modules = {s.module_name: s for s in pm.graph.src_modules}
         self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
         self.outs: Dict[str, torch.Tensor] = {}
+        self.joined: Optional[torch.Tensor] = None  # [n_srcs, batch, pos, d] when nothing records the forward
 
     def src(self, name: str, out: torch.Tensor) -> None:
-        if name in self.src_modules:
-            self.outs[name] = out
+        src = self.src_modules.get(name)
+        if src is None:
+            return
+        if not recording():  # each output goes to its rows of one tensor: no joined copy at the end
+            if self.joined is None:
+                self.joined = out.new_empty((len(self.pm.graph.srcs),) + out.shape[1:])
+            out = self.joined[src.srcs[0]:src.srcs[1]].copy_(out)
+        self.outs[name] = out
 
     def dest(self, names, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # nothing is patched: the forward takes its plain path
@@ -48,6 +55,8 @@ class SrcMajorRecorder:
 
     def stacked(self) -> torch.Tensor:
         parts = recorded(self.pm, self.outs, 0, len(self.pm.graph.srcs), "the end of the forward")
+        if self.joined is not None:
+            return self.joined
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -83,7 +83,9 @@ def zero_mask_grads(pm, decoder, state, tokens: torch.Tensor, kwargs, loss: Call
     if (decoder.arch.post_norms or torch._C._are_functorch_transforms_active() or state.mask_fn is not None
             or state.dropout_p > 0 or any(bool(m.any()) for m in state.masks.values())):
         return None
-    run = decoder.bind((tokens,), kwargs, None, resume=None if resid is None else ((0, 0), resid))
+    # the weights as constants: autograd then keeps only what the activations' gradients need
+    weights = {name: p.detach() for name, p in decoder.model.named_parameters()}
+    run = decoder.bind((tokens,), kwargs, weights, resume=None if resid is None else ((0, 0), resid))
     if run is None:
         return None
     vis = _ZeroInputs(pm, record=resid is None)
