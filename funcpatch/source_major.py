@@ -37,6 +37,12 @@ class SrcMajorRecorder:
         if name in self.src_modules:
             self.outs[name] = out
 
+    def src_product(self, name: str, z: torch.Tensor, w: torch.Tensor, shape) -> None:
+        """A source whose output is the per-head product ``bmm(z, w).view(shape)``:
+        ``z [k, rows, d_head]``, ``w [k, d_head, d]``, ``shape (k, batch, pos, d)``."""
+        if name in self.src_modules:
+            self.src(name, torch.bmm(z, w).view(shape))
+
     def dest(self, names, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # nothing is patched: the forward takes its plain path
 
@@ -92,6 +98,24 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 raise ValueError(f"batch of {out.shape[1]} rows is not {self.repeats} repeats of the patch values' batch")
             self._write(src, out.unflatten(1, (self.repeats, -1)))
 
+    def src_product(self, name, z, w, shape):
+        """``patch - bmm(z, w)`` in one product, never forming the heads' outputs (when
+        the patch values have the whole batch and nothing is narrowed or repeated)."""
+        src = self.src_modules.get(name)
+        if src is None:
+            return
+        lo, hi = src.srcs
+        patch = self.patch[lo:hi]
+        if self.repeats != 1 or self.tail is not None or patch.shape[1:] != shape[1:]:
+            return super().src_product(name, z, w, shape)
+        patch = patch.reshape(z.shape[:2] + patch.shape[-1:])
+        if self.in_place:
+            into = self._buffer(shape[1], shape[2:], z)[lo:hi].view_as(patch)
+            diff = torch.baddbmm(patch, z, w, alpha=-1, out=into)
+        else:
+            diff = torch.baddbmm(patch, z, w, alpha=-1)
+        self.diffs[name] = diff.view(hi - lo, shape[1], *shape[2:])
+
     def post_norm(self, name: str, summed: torch.Tensor, norm) -> None:
         """Source ``name``'s heads are normalized after they are summed (Gemma-2): a
         destination receives ``norm(summed + sum_h m_h diff_h) - norm(summed)``."""
@@ -124,13 +148,18 @@ class SrcMajorPatcher(SrcMajorRecorder):
         check_patch_shape(patch, out[:, 0], src.module_name)
         patch = patch.unsqueeze(1)
         if self.in_place:
-            if self.buffer is None:  # + one slot for the residual (see _inputs)
-                rows = out.shape[1] * out.shape[2]
-                self.buffer = scratch("diffs", (self.patch.shape[0] + 1, rows) + out.shape[3:], out)
-            into = self._positions(self.buffer[lo:hi]).unflatten(1, out.shape[1:3])
+            rows = out.shape[1] * out.shape[2]
+            into = self._positions(self._buffer(rows, out.shape[3:], out)[lo:hi]).unflatten(1, out.shape[1:3])
             self.diffs[src.module_name] = torch.sub(patch, out, out=into)
         else:
             self.diffs[src.module_name] = (patch - out).flatten(1, 2)
+
+    def _buffer(self, rows: int, per_row, like: torch.Tensor) -> torch.Tensor:
+        """The in-place differences ``[n_srcs + 1, rows, *per_row]`` (``per_row``: pos, d;
+        + one slot for the residual, see ``_mixed``), made at the first source."""
+        if self.buffer is None:
+            self.buffer = scratch("diffs", (self.patch.shape[0] + 1, rows) + tuple(per_row), like)
+        return self.buffer
 
     def dest(self, names, x):
         got = self.dest_slots(names, x, sparse=False)
