@@ -46,6 +46,7 @@ from torch import nn
 
 from funcpatch.arch import (DecoderArch, UnsupportedArchitecture, read_arch, resolve, transformers_model,
                             weight_refs)
+from funcpatch.scratch import recording
 
 
 class DecoderForward:
@@ -255,8 +256,9 @@ class DecoderForward:
                 if len(slots):
                     qkv = qkv.index_copy(0, slots, self._project(w, ln, x, w_in[slots],
                                                                  None if b_slots is None else b_slots[slots]))
-            q, k, v = self._split_slots(qkv)
+            n_k = self.n_kv_slots
         else:
+            qkv = None
             x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
             if x is not None:
                 if G != H:
@@ -266,15 +268,20 @@ class DecoderForward:
                 w_head = weight.view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d).transpose(1, 2)
                 b_head = None if bias is None else bias.view(3, H, 1, dh).permute(1, 2, 0, 3).reshape(H, 1, 3 * dh)
                 x = self.norm(w, ln, x).view(H, b * p, d)
-                qkv = torch.bmm(x, w_head) if b_head is None else torch.baddbmm(b_head, x, w_head)
-                q, k, v = qkv.view(H, b, p, 3, dh).permute(3, 0, 1, 2, 4).unbind(0)
+                per_head = torch.bmm(x, w_head) if b_head is None else torch.baddbmm(b_head, x, w_head)
+                q, k, v = per_head.view(H, b, p, 3, dh).permute(3, 0, 1, 2, 4).unbind(0)
             else:
                 seen = getattr(visitor, "plain_qkv", None)  # funcpatch.zero_grads: gradients per head slot
                 if seen is not None:
-                    q, k, v = self._split_slots(seen(i, self._plain_slots(w, i, resid)))  # [slots, b, p, dh]
+                    qkv, n_k = seen(i, self._plain_slots(w, i, resid)), self.n_kv_slots  # [slots, b, p, dh]
                 else:
-                    rows = self._plain_rows(w, i, resid)  # [H + 2G, b, p, dh]: K/V per key/value head
-                    q, k, v = rows[:H], rows[H:H + G], rows[H + G:]
+                    qkv, n_k = self._plain_rows(w, i, resid), G  # [H + 2G, b, p, dh]: K/V per key/value head
+        if qkv is not None:  # Q, K and V joined, [H + 2 n_k, b, p, dh]
+            if rotary is not None and not a.qk_norm:  # Q and K rotated in one pass
+                qk = _rotate(qkv[:H + n_k], *rotary, a.rotary_dims)
+                q, k, v, rotary = qk[:H], qk[H:], qkv[H + n_k:], None
+            else:
+                q, k, v = qkv[:H], qkv[H:H + n_k], qkv[H + n_k:]
         if a.qk_norm:
             q, k = self.norm(w, f"{i}.q_norm", q), self.norm(w, f"{i}.k_norm", k)
         if rotary is not None:
@@ -295,11 +302,6 @@ class DecoderForward:
                 tell(pre + "attn.hook_result", out, lambda t, i=i, w=w: self.norm(w, f"{i}.post1", t))
             out = normed
         return out
-
-    def _split_slots(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[slots, ...]`` -> its Q, K and V slots (K and V: per query head, or per group)."""
-        H, n_kv = self.n_heads, self.n_kv_slots
-        return qkv[:H], qkv[H:H + n_kv], qkv[H + n_kv:]
 
     def _plain_rows(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
         """Block ``i``'s Q, K and V heads projected from the residual itself: ``[H + 2G, b, p, dh]``."""
@@ -340,10 +342,13 @@ class DecoderForward:
             out = torch.matmul(inputs, weight)
         else:  # head-major: one product per slot over all rows
             out = torch.bmm(inputs.view(m, b * p, d), weight).view(m, b, p, -1)
+        # in place where nothing records the forward (the product's output is not saved for backward)
+        own = not recording()
         if rms:
-            out = out * rstd
+            out = out.mul_(rstd) if own else out * rstd
         if bias is not None:
-            out = out + (bias if batch_major else bias.unsqueeze(1))
+            bias = bias if batch_major else bias.unsqueeze(1)
+            out = out.add_(bias) if own else out + bias
         return out.transpose(0, 1) if batch_major else out
 
 
