@@ -94,6 +94,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         self.post: Dict[str, Tuple[torch.Tensor, object]] = {}  # post-normalized heads: (their sum, the norm)
+        self.shared = 1  # over several devices: _shared_rows of the current per-row masks (see dest_slots)
         if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
             if before.device != self.patch.device:  # over several devices: joined where they were recorded
                 self.device = before.device
@@ -219,7 +220,9 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 mask = mask.index_select(-2, slots)
                 if len(slots) == 0:
                     return slots, x.new_empty((0,) + x.shape)
-        if self.device is not None:  # (after the sparse test: it reads the masks where they are)
+        if self.device is not None:  # (after the tests that read the masks' values: done where they are)
+            if mask.shape[0] > 1 and mask.shape[1] == 1:
+                self.shared = _shared_rows(mask)  # see _mixed
             mask = mask.to(self.device)
             slots = None if slots is None else slots.to(self.device)
         return slots, self._inputs(group, mask, x)
@@ -258,7 +261,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 return torch.mm(mask[0, 0], flat, out=out).view(-1, b, p, d)
             # masks per batch row: one product per group of rows that share their masks
             # (circuits stacked along the batch; else single rows), reading the differences in place
-            shared = _shared_rows(mask)
+            shared = _shared_rows(mask) if self.device is None else self.shared
             g = b // shared
             mask = mask[::shared, 0]  # [groups, heads_total, n]
             rows = diff.unflatten(1, (g, shared)).transpose(0, 1).flatten(2)  # [groups, n, shared * pos * d]

@@ -26,3 +26,175 @@ def test_numpy_only_after_cpu():
                 if not re.search(r"\.cpu\(\)(\.contiguous\(\))?$", line[:m.start()]):
                     bad.append(f"{path.relative_to(PACKAGE.parent)}:{i}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+# --------------------------------------------------------------------------------------
+# A model over several devices (funcpatch.devices). No GPU here: the later blocks, the
+# final norm and the unembedding go to the ``meta`` device. Any op mixing it with a real
+# device raises, and nothing can be copied out of it, so a run that completes with its
+# outputs on ``meta`` ran every block on its own device and never went back. Backward
+# passes do go back (gradients flow to earlier blocks), so they are checked with the
+# split at block 0 (only the embedding on the real device, and nothing it needs back);
+# values are checked on a GPU (test_split_over_cuda_and_cpu_equals_one_device).
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+import funcpatch as fp  # noqa: E402
+
+META = torch.device("meta")
+SPLIT_MODELS = ["llama3-gqa", "gpt2"]
+
+
+def _parts(hf):
+    """``(blocks, final norm)`` of a transformers causal LM of the families used here."""
+    body = getattr(hf, "model", None) or hf.transformer
+    return (getattr(body, "layers", None) or body.h), (getattr(body, "norm", None) or body.ln_f)
+
+
+def split(name: str, at: int, first=DEVICE, rest=META):
+    """``(the model on first, a copy with blocks at.. and the output side on rest)``: a
+    hand-made device_map without accelerate's hooks."""
+    from test_architectures import model
+    one = copy.deepcopy(model(name)).to(first)
+    hf = copy.deepcopy(one)
+    if rest == META and hf.config.tie_word_embeddings:
+        # a real device_map keeps tied weights together; meta cannot hand them back to the embedding
+        hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
+    blocks, final = _parts(hf)
+    for b in blocks[at:]:
+        b.to(rest)
+    final.to(rest)
+    hf.lm_head.to(rest)
+    return one, hf
+
+
+def _task(pm, seed=0):
+    from test_architectures import ANSWERS, SEQ, toks
+    clean, corrupt = toks(seed, batch=4).to(DEVICE), toks(seed + 1, batch=4).to(DEVICE)
+    loader = fp.PromptDataLoader(fp.PromptDataset(clean, corrupt, ANSWERS, ANSWERS + 4), seq_len=SEQ,
+                                 diverge_idx=0, batch_size=4)
+    return clean, corrupt, loader
+
+
+def _masks(pm, seed, rows=None):
+    """Random masks with a zero in every third entry (the patcher skips head slots whose
+    masks are all 0), per batch row when ``rows``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in fp.init_state(pm).masks.items():
+        shape = v.shape if rows is None else (rows,) + v.shape
+        m = torch.rand(shape, generator=g)
+        m.view(-1)[::3] = 0
+        out[k] = m.to(v.device)
+    return out
+
+
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_record_runs_each_block_on_its_device(name):
+    one, hf = split(name, 1)
+    pm, pm1 = fp.patchable(hf), fp.patchable(one)
+    clean, _, _ = _task(pm)
+    with torch.no_grad():
+        out, src_outs = fp.record_src_outs(pm, clean)
+        want = fp.record_src_outs(pm1, clean)[1]
+    assert out.device == src_outs.device == META  # the sources are gathered on the last block's device
+    assert src_outs.shape == want.shape and out.shape == (4, clean.shape[1], hf.config.vocab_size)
+
+
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+@pytest.mark.parametrize("rows", [None, 4], ids=["shared_masks", "per_row_masks"])
+def test_patched_forward_runs_each_block_on_its_device(name, grad, rows):
+    """The in-place no-grad path and the autograd path, masks shared or per row: the
+    differences, patch values and masks follow the stream from the first device to meta."""
+    one, hf = split(name, 1)
+    pm, pm1 = fp.patchable(hf), fp.patchable(one)
+    clean, corrupt, _ = _task(pm)
+    with torch.no_grad():
+        patch = fp.src_ablations(pm1, corrupt)  # real values on the first device (meta cannot give them back)
+    masks = _masks(pm, 3, rows)
+    if grad:
+        masks = {k: v.requires_grad_() for k, v in masks.items()}
+    state = dataclasses.replace(fp.patch_mode(pm, fp.init_state(pm), patch), masks=masks)
+    with torch.set_grad_enabled(grad):
+        out = fp.patched_forward(pm, state, clean)
+    assert out.device == META and out.shape == (4, clean.shape[1], hf.config.vocab_size)
+    assert out.requires_grad == grad
+
+
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_run_circuits_runs_each_block_on_its_device(name, monkeypatch):
+    one, hf = split(name, 1)
+    pm, pm1 = fp.patchable(hf, slice_output="last_seq"), fp.patchable(one, slice_output="last_seq")
+    clean, _, loader = _task(pm)
+    import funcpatch.circuits as circuits
+    values = circuits.batch_patch_values
+    # patch values from the one-device twin: meta holds no values to hand back to the first blocks
+    monkeypatch.setattr(circuits, "batch_patch_values", lambda _, *a, **k: values(pm1, *a, **k))
+    scores = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(5)).to(v.device)
+              for k, v in fp.init_state(pm).masks.items()}
+    n = pm.graph.n_edges
+    for stacked in (False, True):
+        outs = fp.run_circuits(pm, loader, [0, n // 3, n], scores, progress=False, vmap_sizes=stacked)
+        got = [o for per_size in outs.values() for o in per_size.values()]
+        assert len(got) == 3 and all(o.device == META and o.shape == (4, hf.config.vocab_size) for o in got)
+
+
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_eap_and_mask_gradients_over_two_devices(name):
+    """EAP's one backward (zero_grads) and torch.func gradients of the masks. Split at
+    block 0: the backward never needs the embedding's side (see the section comment)."""
+    one, hf = split(name, 0)
+    pm, pm1 = fp.patchable(hf, slice_output="last_seq"), fp.patchable(one, slice_output="last_seq")
+    clean, corrupt, loader = _task(pm)
+    scores = fp.algos.eap(pm, loader)  # patch values recorded on the split model itself
+    want = fp.algos.eap(pm1, loader)
+    assert all(v.device == META and v.shape == want[k].shape for k, v in scores.items())
+    with torch.no_grad():
+        patch = fp.src_ablations(pm1, corrupt)  # Resid Start's patch value joins on the first device
+    state = fp.patch_mode(pm, fp.init_state(pm), patch)
+    masks = {k: v.to(META) for k, v in _masks(pm, 4).items()}
+    grads = torch.func.grad(lambda m: fp.patched_forward(pm, dataclasses.replace(state, masks=m), clean)[:, -1].sum())(
+        masks)
+    assert all(g.device == META and g.shape == masks[k].shape for k, g in grads.items())
+
+
+def test_a_block_split_over_devices_is_refused():
+    one, hf = split("llama3-gqa", 1)
+    _parts(hf)[0][0].mlp.to(META)  # block 0's attention on the first device, its MLP on meta
+    pm = fp.patchable(hf)
+    with pytest.raises(ValueError, match="block 0's weights are on several devices"):
+        fp.record_src_outs(pm, _task(pm)[0])
+
+
+def test_offloaded_weights_are_refused():
+    accelerate = pytest.importorskip("accelerate")
+    from test_architectures import model
+    hf = accelerate.cpu_offload(copy.deepcopy(model("llama")), execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="offloaded by accelerate"):
+        fp.patchable(hf)
+
+
+def test_the_hook_path_refuses_a_model_over_several_devices():
+    """The hook path (a bridge with lean=False, or a call the own forward does not take)
+    runs the model's own modules on one device: a clear error, not a device mismatch."""
+    from conftest import has_bridge
+    if not has_bridge():
+        pytest.skip("no TransformerBridge")
+    _, hf = split("llama", 1)
+    bridge = fp.models.from_hf(hf)
+    with pytest.raises(ValueError, match="several devices.*hook path"):
+        fp.patchable(bridge, lean=False)
+    pm = fp.patchable(bridge)
+    with pytest.raises(ValueError, match="several devices.*hook path"):
+        fp.record_src_outs(pm, _task(pm)[0], output_attentions=True)
+
+
+def test_a_micro_model_over_several_devices_is_refused():
+    model = fp.MicroModel(n_layers=2)
+    model.blocks[1].to(META)
+    with pytest.raises(ValueError, match="several devices"):
+        fp.patchable(model)
