@@ -19,8 +19,8 @@ from torch import nn
 
 
 def weight_devices(model: nn.Module) -> Set[torch.device]:
-    """The devices of ``model``'s parameters and buffers."""
-    return {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    """The devices of ``model``'s parameters."""
+    return {t.device for t in model.parameters()}
 
 
 def block_devices(w: Mapping[str, torch.Tensor], n_layers: int) -> Optional[List[torch.device]]:

@@ -60,14 +60,15 @@ def split(name: str, at: int, first=DEVICE, rest=META):
     from test_architectures import model
     one = copy.deepcopy(model(name)).to(first)
     hf = copy.deepcopy(one)
-    if rest == META and hf.config.tie_word_embeddings:
-        # a real device_map keeps tied weights together; meta cannot hand them back to the embedding
+    tied = hf.config.tie_word_embeddings
+    if tied and rest == META:  # meta cannot hand the unembedding's input back to the embedding's device
         hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone())
     blocks, final = _parts(hf)
     for b in blocks[at:]:
         b.to(rest)
     final.to(rest)
-    hf.lm_head.to(rest)
+    if rest == META or not tied:  # tied weights stay with the embedding, as accelerate's device_map keeps them
+        hf.lm_head.to(rest)
     return one, hf
 
 
@@ -198,3 +199,94 @@ def test_a_micro_model_over_several_devices_is_refused():
     model.blocks[1].to(META)
     with pytest.raises(ValueError, match="several devices"):
         fp.patchable(model)
+
+
+def _close(a, b, what):
+    """Equal up to float rounding of different kernels: max |a - b| <= 1e-4 * max |b|."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    assert a.shape == b.shape, what
+    finite = torch.isfinite(b)
+    assert torch.equal(finite, torch.isfinite(a)) and torch.equal(a[~finite], b[~finite]), what
+    err = float((a[finite] - b[finite]).abs().max()) if finite.any() else 0.0
+    assert err <= 1e-4 * max(float(b[finite].abs().max()) if finite.any() else 0.0, 1e-6), (what, err)
+
+
+def _split_equals_one_device(pm, pm1, last, acdc=True):
+    """Every path on ``pm`` (a model over several devices whose last block is on ``last``,
+    if given) gives ``pm1``'s values (the same weights on one device)."""
+    clean, corrupt, loader = _task(pm, seed=7)
+    with torch.no_grad():
+        out, src_outs = fp.record_src_outs(pm, clean)
+        out1, src_outs1 = fp.record_src_outs(pm1, clean)
+    if last is not None:
+        assert src_outs.device == last
+    _close(out, out1, "logits")
+    _close(src_outs, src_outs1, "sources")
+    with torch.no_grad():
+        patch = fp.src_ablations(pm, corrupt)
+        patch1 = fp.src_ablations(pm1, corrupt)
+    for rows in (None, 4):
+        masks = _masks(pm, 8, rows)
+        state = dataclasses.replace(fp.patch_mode(pm, fp.init_state(pm), patch), masks=masks)
+        state1 = dataclasses.replace(fp.patch_mode(pm1, fp.init_state(pm1), patch1), masks=masks)
+        with torch.no_grad():
+            _close(fp.patched_forward(pm, state, clean), fp.patched_forward(pm1, state1, clean), f"patched {rows}")
+
+        def grads(p, s):
+            return torch.func.grad(lambda m: p(dataclasses.replace(s, masks=m), clean).sum())(masks)
+        g, g1 = grads(lambda s, x: fp.patched_forward(pm, s, x)[:, -1], state), \
+            grads(lambda s, x: fp.patched_forward(pm1, s, x)[:, -1], state1)
+        for k in masks:
+            _close(g[k], g1[k], f"mask gradient {k} {rows}")
+    # ACDC's evaluations resume from a checkpoint of a clean forward: here each point that
+    # comes after every patched destination (those of the last block's MLP and the end)
+    n = pm.forward.decoder.n_layers
+    late = {k: v if k.startswith(f"blocks.{n - 1}.") and not k.endswith("_input") else torch.zeros_like(v)
+            for k, v in _masks(pm, 9).items()}
+    state = dataclasses.replace(fp.patch_mode(pm, fp.init_state(pm), patch), masks=late)
+    with torch.no_grad():
+        want = fp.patched_forward(pm1, dataclasses.replace(state, patch_src_outs=patch1), clean)
+        _, src_outs, points = pm.forward.checkpoints(pm, (clean,), {})
+        for point, (resid, before) in sorted(points.items()):
+            if point <= (n - 1, 1):
+                _close(pm.forward.resumed(pm, state, point, resid, src_outs[:before], (clean,), {}), want,
+                       f"resumed at {point}")
+    algos = {"eap": lambda p: fp.algos.eap(p, loader, progress=False),
+             "eap_ig": lambda p: fp.algos.eap_ig(p, loader, samples=2, progress=False)}
+    if acdc:
+        algos["acdc"] = lambda p: fp.algos.acdc(p, loader, tao_exps=[-2], progress=False)
+    for what, algo in algos.items():
+        got, want = algo(pm), algo(pm1)
+        for k in want:
+            _close(got[k], want[k], f"{what} {k}")
+    n = pm.graph.n_edges
+    got = fp.run_circuits(pm, loader, [0, n // 3, n], want, progress=False, vmap_sizes=True)
+    want_outs = fp.run_circuits(pm1, loader, [0, n // 3, n], want, progress=False, vmap_sizes=True)
+    for size in want_outs:
+        for key in want_outs[size]:
+            _close(got[size][key], want_outs[size][key], f"run_circuits {size}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a model split over a GPU and the CPU: FUNCPATCH_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_split_over_cuda_and_cpu_equals_one_device(name):
+    """Block 0 (and the embedding) on the GPU, the rest on the CPU."""
+    one, hf = split(name, 1, first=DEVICE, rest=torch.device("cpu"))
+    kw = dict(slice_output="last_seq")
+    _split_equals_one_device(fp.patchable(hf, **kw), fp.patchable(one, **kw), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_moves_between_devices_keep_the_values(name, monkeypatch):
+    """Without a GPU: the blocks are told they alternate between ``cpu:0`` and ``cpu``
+    (unequal devices to torch, and ``.to()`` between them copies), so every move a split
+    model makes runs, here with values checked against the plain run."""
+    from funcpatch import decoder
+    one, hf = split(name, 0, rest=DEVICE)  # two copies on DEVICE
+    devices = [torch.device(DEVICE.type, 0), torch.device(DEVICE.type)]
+    real = decoder.block_devices
+    monkeypatch.setattr(decoder, "block_devices", lambda w, n: [devices[i % 2] for i in range(n)]
+                        if w["embed"] is hf.get_input_embeddings().weight else real(w, n))
+    kw = dict(slice_output="last_seq")
+    # (tensors say "cpu" whatever the index; ACDC: its resumed forwards are checked, the search is slow here)
+    _split_equals_one_device(fp.patchable(hf, **kw), fp.patchable(one, **kw), None, acdc=False)
