@@ -171,12 +171,25 @@ def test_a_block_split_over_devices_is_refused():
         fp.record_src_outs(pm, _task(pm)[0])
 
 
-def test_offloaded_weights_are_refused():
+def test_offloaded_weights_are_refused(tmp_path):
+    """accelerate's offload keeps weights on meta for hooks to load: refused, whether
+    asked for directly or through transformers' device_map ('disk'); a device_map that
+    only places the model is not."""
     accelerate = pytest.importorskip("accelerate")
+    import transformers as T
     from test_architectures import model
     hf = accelerate.cpu_offload(copy.deepcopy(model("llama")), execution_device=torch.device("cpu"))
     with pytest.raises(ValueError, match="offloaded by accelerate"):
         fp.patchable(hf)
+    model("llama").save_pretrained(tmp_path)
+    where = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+             "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path, device_map=where, offload_folder=tmp_path / "offload")
+    with pytest.raises(ValueError, match="offloaded by accelerate.*model.layers.1"):
+        fp.patchable(hf)
+    placed = fp.patchable(T.AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "cpu"}))
+    with torch.no_grad():
+        assert fp.record_src_outs(placed, _task(placed)[0])[1].shape[0] == len(placed.graph.srcs)
 
 
 def test_the_hook_path_refuses_a_model_over_several_devices():
