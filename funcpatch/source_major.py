@@ -135,6 +135,8 @@ class SrcMajorPatcher(SrcMajorRecorder):
             return
         lo, hi = src.srcs
         patch = self.patch[lo:hi]
+        if self.device is not None:
+            patch = patch.to(self.device)
         if self.repeats != 1 or self.tail is not None or patch.shape[1:] != shape[1:]:
             return super().src_product(name, z, w, shape)
         patch = patch.reshape(z.shape[:2] + patch.shape[-1:])
