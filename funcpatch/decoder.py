@@ -161,24 +161,26 @@ class DecoderForward:
             cos, sin = cos.to(resid.dtype), sin.to(resid.dtype)
             half = sin.shape[-1] // 2  # the first half's sine with its sign: see _rotate
             rotary = (cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
-        rotaries = {resid.device: rotary}  # device -> the rotary tables there
+        rotaries = {} if rotary is None else {rotary[0].device: rotary}  # device -> the rotary tables there
         masks = {}  # (window, device) -> the keys each query may see
         checkpoint = getattr(visitor, "checkpoint", None)
         for i in range(start, self.n_layers):
             pre = f"blocks.{i}."
             tail = logits_to_keep if i == self.n_layers - 1 and 0 < logits_to_keep < p else 0
-            if devices is not None and devices[i] != here:  # a block on another device: the stream follows
-                here = devices[i]
-                resid = resid.to(here)
-                if enter is not None:
-                    enter(here)
-                if here not in rotaries:
-                    rotaries[here] = None if rotary is None else tuple(t.to(here) for t in rotary)
-                rotary = rotaries[here]
+            if devices is not None:
+                if devices[i] != here:  # a block on another device: the stream follows
+                    here = devices[i]
+                    resid = resid.to(here)
+                    if enter is not None:
+                        enter(here)
+                if rotary is not None and rotary[0].device != here:  # (accelerate may run the rotary module elsewhere)
+                    if here not in rotaries:
+                        rotaries[here] = tuple(t.to(here) for t in rotary)
+                    rotary = rotaries[here]
             window = (a.windows[i], here)
             if window not in masks:
-                masks[window] = _allowed(attention_mask if attention_mask is None or here is None
-                                         else attention_mask.to(here), p, a.windows[i], tokens.device if here is None else here)
+                padding = attention_mask if here is None or attention_mask is None else attention_mask.to(here)
+                masks[window] = _allowed(padding, p, a.windows[i], tokens.device if here is None else here)
             if a.parallel:  # resuming anywhere in the block runs all of it
                 if checkpoint is not None:
                     checkpoint((i, 0), resid)
