@@ -1,11 +1,16 @@
-"""Devices: the tests' device switch, and no CPU-only calls on tensors that may live on a GPU."""
+"""Devices: the tests' device switch, no CPU-only calls on tensors that may live on a GPU, and
+models whose blocks lie on several devices (funcpatch.devices)."""
 
+import copy
+import dataclasses
 import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
+import funcpatch as fp
 from conftest import DEVICE
 
 PACKAGE = Path(__file__).resolve().parent.parent / "funcpatch"
@@ -34,15 +39,10 @@ def test_numpy_only_after_cpu():
 # device raises, and nothing can be copied out of it, so a run that completes with its
 # outputs on ``meta`` ran every block on its own device and never went back. Backward
 # passes do go back (gradients flow to earlier blocks), so they are checked with the
-# split at block 0 (only the embedding on the real device, and nothing it needs back);
-# values are checked on a GPU (test_split_over_cuda_and_cpu_equals_one_device).
-
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-
-import pytest  # noqa: E402
-
-import funcpatch as fp  # noqa: E402
+# split at block 0 (only the embedding on the real device, and nothing it needs back).
+# Values: on one CPU with blocks told apart by device index
+# (test_moves_between_devices_keep_the_values), and on a GPU
+# (test_split_over_cuda_and_cpu_equals_one_device, with FUNCPATCH_TEST_DEVICE=cuda).
 
 META = torch.device("meta")
 SPLIT_MODELS = ["llama3-gqa", "gpt2"]
