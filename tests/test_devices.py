@@ -163,6 +163,16 @@ def test_eap_and_mask_gradients_over_two_devices(name):
     assert all(g.device == META and g.shape == masks[k].shape for k, g in grads.items())
 
 
+@pytest.mark.parametrize("positional", [False, True])
+def test_mib_mean_ablations_are_gathered_on_the_last_device(positional):
+    """MIB's means join the token embedding (first device) to the recorded sources (last)."""
+    from funcpatch.mib.evaluation import _means
+    _, hf = split("llama3-gqa", 1)
+    pm = fp.patchable(hf, slice_output="last_seq")
+    means = _means(pm, _task(pm)[2], positional)
+    assert means.device == META and means.shape[-1] == hf.config.hidden_size
+
+
 def test_a_block_split_over_devices_is_refused():
     one, hf = split("llama3-gqa", 1)
     _parts(hf)[0][0].mlp.to(META)  # block 0's attention on the first device, its MLP on meta
