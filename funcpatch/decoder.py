@@ -46,6 +46,7 @@ from torch import nn
 
 from funcpatch.arch import (DecoderArch, UnsupportedArchitecture, read_arch, resolve, transformers_model,
                             weight_refs)
+from funcpatch.devices import block_devices
 from funcpatch.scratch import recording
 
 
@@ -130,28 +131,56 @@ class DecoderForward:
         a = self.arch
         b, p = tokens.shape
         (start, stage), resid = resume or ((0, 0), None)
+        devices = block_devices(w, self.n_layers)  # None: one device, nothing moves
+        enter = None if devices is None else getattr(visitor, "enter", None)
+        here = None  # with several devices: where the residual stream is now
+        if devices is not None:  # the inputs go where the embedding is
+            home = w["embed"].device
+            tokens = tokens.to(home)
+            attention_mask = None if attention_mask is None else attention_mask.to(home)
+            position_ids = None if position_ids is None else position_ids.to(home)
         pos = self._positions(attention_mask, position_ids, b, p, tokens.device)
         if resid is None:
+            if devices is not None:
+                here = home
+                if enter is not None:
+                    enter(here)
             x = F.embedding(tokens, w["embed"])
             if a.embed_scale is not None:
                 x = x * torch.tensor(a.embed_scale, dtype=x.dtype)
             if a.positions == "learned":
                 x = x + F.embedding(pos, w["pos"])
             resid = _node(visitor, "blocks.0.hook_resid_pre", x)
+        elif devices is not None and resid.device != here:  # resumed: the visitor joins where the stream is
+            here = resid.device
+            if enter is not None:
+                enter(here)
         rotary = None
         if a.positions == "rotary":
-            cos, sin = self.rotary(resid, pos.expand(b, p) if pos.shape[0] != b else pos)
+            cos, sin = self.rotary(resid, (pos.expand(b, p) if pos.shape[0] != b else pos).to(resid.device))
             cos, sin = cos.to(resid.dtype), sin.to(resid.dtype)
             half = sin.shape[-1] // 2  # the first half's sine with its sign: see _rotate
             rotary = (cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
-        masks = {}  # window -> the keys each query may see
+        rotaries = {} if rotary is None else {rotary[0].device: rotary}  # device -> the rotary tables there
+        masks = {}  # (window, device) -> the keys each query may see
         checkpoint = getattr(visitor, "checkpoint", None)
         for i in range(start, self.n_layers):
             pre = f"blocks.{i}."
             tail = logits_to_keep if i == self.n_layers - 1 and 0 < logits_to_keep < p else 0
-            window = a.windows[i]
+            if devices is not None:
+                if devices[i] != here:  # a block on another device: the stream follows
+                    here = devices[i]
+                    resid = resid.to(here)
+                    if enter is not None:
+                        enter(here)
+                if rotary is not None and rotary[0].device != here:  # (accelerate may run the rotary module elsewhere)
+                    if here not in rotaries:
+                        rotaries[here] = tuple(t.to(here) for t in rotary)
+                    rotary = rotaries[here]
+            window = (a.windows[i], here)
             if window not in masks:
-                masks[window] = _allowed(attention_mask, p, window, tokens.device)
+                padding = attention_mask if here is None or attention_mask is None else attention_mask.to(here)
+                masks[window] = _allowed(padding, p, a.windows[i], tokens.device if here is None else here)
             if a.parallel:  # resuming anywhere in the block runs all of it
                 if checkpoint is not None:
                     checkpoint((i, 0), resid)
@@ -185,7 +214,12 @@ class DecoderForward:
             resid = _node(visitor, f"blocks.{self.n_layers - 1}.hook_resid_post", resid)
         if logits_to_keep > 0:
             resid = resid[:, -logits_to_keep:]  # (already so when the visitor narrowed)
-        logits = F.linear(self.norm(w, "final", resid), w["unembed.w"], w.get("unembed.b"))
+        if devices is not None:  # the final norm and the unembedding may each be on a device of their own
+            resid = resid.to(w["final.w"].device)
+        normed = self.norm(w, "final", resid)
+        if devices is not None:
+            normed = normed.to(w["unembed.w"].device)
+        logits = F.linear(normed, w["unembed.w"], w.get("unembed.b"))
         if a.final_softcap is not None:
             logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
         return logits
