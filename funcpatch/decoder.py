@@ -46,6 +46,8 @@ from torch import nn
 
 from funcpatch.arch import (DecoderArch, UnsupportedArchitecture, read_arch, resolve, transformers_model,
                             weight_refs)
+from funcpatch.devices import block_devices
+from funcpatch.scratch import recording
 
 
 class DecoderForward:
@@ -109,7 +111,8 @@ class DecoderForward:
         """Logits ``[batch, pos, vocab]`` (the last ``logits_to_keep`` positions if > 0).
 
         ``visitor`` sees the nodes in source-major layout: ``visitor.src(hook, out)``
-        with ``out [k, batch, pos, d]`` (k heads, or 1) and ``visitor.dest(hooks, x)``
+        with ``out [k, batch, pos, d]`` (k heads, or 1), or, for the heads' outputs,
+        ``visitor.src_product(hook, z, w, shape)`` with ``out = bmm(z, w).view(shape)``, and ``visitor.dest(hooks, x)``
         with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
         returns their patched inputs ``[slots, batch, pos, d]`` or None (unpatched).
         A visitor with ``checkpoint(point, resid)`` also sees the residual at each point
@@ -128,28 +131,56 @@ class DecoderForward:
         a = self.arch
         b, p = tokens.shape
         (start, stage), resid = resume or ((0, 0), None)
+        devices = block_devices(w, self.n_layers)  # None: one device, nothing moves
+        enter = None if devices is None else getattr(visitor, "enter", None)
+        here = None  # with several devices: where the residual stream is now
+        if devices is not None:  # the inputs go where the embedding is
+            home = w["embed"].device
+            tokens = tokens.to(home)
+            attention_mask = None if attention_mask is None else attention_mask.to(home)
+            position_ids = None if position_ids is None else position_ids.to(home)
         pos = self._positions(attention_mask, position_ids, b, p, tokens.device)
         if resid is None:
+            if devices is not None:
+                here = home
+                if enter is not None:
+                    enter(here)
             x = F.embedding(tokens, w["embed"])
             if a.embed_scale is not None:
                 x = x * torch.tensor(a.embed_scale, dtype=x.dtype)
             if a.positions == "learned":
                 x = x + F.embedding(pos, w["pos"])
             resid = _node(visitor, "blocks.0.hook_resid_pre", x)
+        elif devices is not None and resid.device != here:  # resumed: the visitor joins where the stream is
+            here = resid.device
+            if enter is not None:
+                enter(here)
         rotary = None
         if a.positions == "rotary":
-            cos, sin = self.rotary(resid, pos.expand(b, p) if pos.shape[0] != b else pos)
+            cos, sin = self.rotary(resid, (pos.expand(b, p) if pos.shape[0] != b else pos).to(resid.device))
             cos, sin = cos.to(resid.dtype), sin.to(resid.dtype)
             half = sin.shape[-1] // 2  # the first half's sine with its sign: see _rotate
             rotary = (cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
-        masks = {}  # window -> the keys each query may see
+        rotaries = {} if rotary is None else {rotary[0].device: rotary}  # device -> the rotary tables there
+        masks = {}  # (window, device) -> the keys each query may see
         checkpoint = getattr(visitor, "checkpoint", None)
         for i in range(start, self.n_layers):
             pre = f"blocks.{i}."
             tail = logits_to_keep if i == self.n_layers - 1 and 0 < logits_to_keep < p else 0
-            window = a.windows[i]
+            if devices is not None:
+                if devices[i] != here:  # a block on another device: the stream follows
+                    here = devices[i]
+                    resid = resid.to(here)
+                    if enter is not None:
+                        enter(here)
+                if rotary is not None and rotary[0].device != here:  # (accelerate may run the rotary module elsewhere)
+                    if here not in rotaries:
+                        rotaries[here] = tuple(t.to(here) for t in rotary)
+                    rotary = rotaries[here]
+            window = (a.windows[i], here)
             if window not in masks:
-                masks[window] = _allowed(attention_mask, p, window, tokens.device)
+                padding = attention_mask if here is None or attention_mask is None else attention_mask.to(here)
+                masks[window] = _allowed(padding, p, a.windows[i], tokens.device if here is None else here)
             if a.parallel:  # resuming anywhere in the block runs all of it
                 if checkpoint is not None:
                     checkpoint((i, 0), resid)
@@ -183,7 +214,12 @@ class DecoderForward:
             resid = _node(visitor, f"blocks.{self.n_layers - 1}.hook_resid_post", resid)
         if logits_to_keep > 0:
             resid = resid[:, -logits_to_keep:]  # (already so when the visitor narrowed)
-        logits = F.linear(self.norm(w, "final", resid), w["unembed.w"], w.get("unembed.b"))
+        if devices is not None:  # the final norm and the unembedding may each be on a device of their own
+            resid = resid.to(w["final.w"].device)
+        normed = self.norm(w, "final", resid)
+        if devices is not None:
+            normed = normed.to(w["unembed.w"].device)
+        logits = F.linear(normed, w["unembed.w"], w.get("unembed.b"))
         if a.final_softcap is not None:
             logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
         return logits
@@ -254,8 +290,9 @@ class DecoderForward:
                 if len(slots):
                     qkv = qkv.index_copy(0, slots, self._project(w, ln, x, w_in[slots],
                                                                  None if b_slots is None else b_slots[slots]))
-            q, k, v = self._split_slots(qkv)
+            n_k = self.n_kv_slots
         else:
+            qkv = None
             x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
             if x is not None:
                 if G != H:
@@ -265,15 +302,20 @@ class DecoderForward:
                 w_head = weight.view(3, H, dh, d).transpose(0, 1).reshape(H, 3 * dh, d).transpose(1, 2)
                 b_head = None if bias is None else bias.view(3, H, 1, dh).permute(1, 2, 0, 3).reshape(H, 1, 3 * dh)
                 x = self.norm(w, ln, x).view(H, b * p, d)
-                qkv = torch.bmm(x, w_head) if b_head is None else torch.baddbmm(b_head, x, w_head)
-                q, k, v = qkv.view(H, b, p, 3, dh).permute(3, 0, 1, 2, 4).unbind(0)
+                per_head = torch.bmm(x, w_head) if b_head is None else torch.baddbmm(b_head, x, w_head)
+                q, k, v = per_head.view(H, b, p, 3, dh).permute(3, 0, 1, 2, 4).unbind(0)
             else:
                 seen = getattr(visitor, "plain_qkv", None)  # funcpatch.zero_grads: gradients per head slot
                 if seen is not None:
-                    q, k, v = self._split_slots(seen(i, self._plain_slots(w, i, resid)))  # [slots, b, p, dh]
+                    qkv, n_k = seen(i, self._plain_slots(w, i, resid)), self.n_kv_slots  # [slots, b, p, dh]
                 else:
-                    rows = self._plain_rows(w, i, resid)  # [H + 2G, b, p, dh]: K/V per key/value head
-                    q, k, v = rows[:H], rows[H:H + G], rows[H + G:]
+                    qkv, n_k = self._plain_rows(w, i, resid), G  # [H + 2G, b, p, dh]: K/V per key/value head
+        if qkv is not None:  # Q, K and V joined, [H + 2 n_k, b, p, dh]
+            if rotary is not None and not a.qk_norm:  # Q and K rotated in one pass
+                qk = _rotate(qkv[:H + n_k], *rotary, a.rotary_dims)
+                q, k, v, rotary = qk[:H], qk[H:], qkv[H + n_k:], None
+            else:
+                q, k, v = qkv[:H], qkv[H:H + n_k], qkv[H + n_k:]
         if a.qk_norm:
             q, k = self.norm(w, f"{i}.q_norm", q), self.norm(w, f"{i}.k_norm", k)
         if rotary is not None:
@@ -282,12 +324,11 @@ class DecoderForward:
             k, v = (t.repeat_interleave(H // k.shape[0], dim=0) for t in (k, v))
         rows = tail if tail and visitor.narrow(tail) else p  # query positions computed
         z = _attend(q[:, :, p - rows:], k, v, allowed[..., p - rows:, :], a.scales[i], a.softcap)
-        w_o = w[f"{i}.o.w"].t().reshape(H, dh, d)
-        per_head = torch.bmm(z.reshape(H, b * rows, dh), w_o).view(H, b, rows, d)
-        visitor.src(pre + "attn.hook_result", per_head)
-        out = per_head.sum(0)
-        if f"{i}.o.b" in w:
-            out = out + w[f"{i}.o.b"]
+        # the heads' outputs z_h @ W_O[h] go to the visitor as a product it may fuse (a
+        # patcher wants only patch - out); their sum is the model's own output projection
+        visitor.src_product(pre + "attn.hook_result", z.reshape(H, b * rows, dh), w[f"{i}.o.w"].t().view(H, dh, d),
+                            (H, b, rows, d))
+        out = F.linear(z.permute(1, 2, 0, 3).reshape(b, rows, H * dh), w[f"{i}.o.w"], w.get(f"{i}.o.b"))
         if a.post_norms:
             normed = self.norm(w, f"{i}.post1", out)
             tell = getattr(visitor, "post_norm", None)
@@ -295,11 +336,6 @@ class DecoderForward:
                 tell(pre + "attn.hook_result", out, lambda t, i=i, w=w: self.norm(w, f"{i}.post1", t))
             out = normed
         return out
-
-    def _split_slots(self, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[slots, ...]`` -> its Q, K and V slots (K and V: per query head, or per group)."""
-        H, n_kv = self.n_heads, self.n_kv_slots
-        return qkv[:H], qkv[H:H + n_kv], qkv[H + n_kv:]
 
     def _plain_rows(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
         """Block ``i``'s Q, K and V heads projected from the residual itself: ``[H + 2G, b, p, dh]``."""
@@ -340,10 +376,13 @@ class DecoderForward:
             out = torch.matmul(inputs, weight)
         else:  # head-major: one product per slot over all rows
             out = torch.bmm(inputs.view(m, b * p, d), weight).view(m, b, p, -1)
+        # in place where nothing records the forward (the product's output is not saved for backward)
+        own = not recording()
         if rms:
-            out = out * rstd
+            out = out.mul_(rstd) if own else out * rstd
         if bias is not None:
-            out = out + (bias if batch_major else bias.unsqueeze(1))
+            bias = bias if batch_major else bias.unsqueeze(1)
+            out = out.add_(bias) if own else out + bias
         return out.transpose(0, 1) if batch_major else out
 
 

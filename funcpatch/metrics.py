@@ -122,7 +122,7 @@ def _check_ids(ids: torch.Tensor, vocab: int, what: str) -> None:
 
 def _gathered(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``vals[..., ids]`` per row: ``vals [*lead, vocab]``, ``ids [*lead or prefix, n]``."""
-    ids = ids.long()
+    ids = ids.long().to(vals.device)  # over several devices the logits are on the last one
     if ids.dim() < vals.dim():  # [batch, n] with [batch, seq, vocab]: same ids at every position
         ids = ids.unsqueeze(1).expand(vals.shape[0], vals.shape[1], ids.shape[-1])
     return torch.gather(vals, -1, ids)
@@ -161,7 +161,7 @@ def _per_row_values(vals: torch.Tensor, answers: Answers, what: str, reduce: str
                 raise ValueError(f"{name} must be a 1-d tensor of token ids, got shape {tuple(ids.shape)}")
             if ids.dim() == 2 and tuple(ids.shape[:-1]) != seq_shape:
                 raise ValueError(f"{name} has {ids.shape[0]} positions but logits have {seq_shape[0]}")
-            ids = ids.long()
+            ids = ids.long().to(row.device)
             if vals.dim() == 3 and ids.dim() == 1:
                 ids = ids.unsqueeze(0).expand(row.shape[0], ids.shape[0])
             rows.append(red(torch.gather(row, -1, ids)))

@@ -13,6 +13,7 @@ import contextlib
 from typing import Optional
 
 from funcpatch.decoder import DecoderForward
+from funcpatch.devices import check_one_device
 from funcpatch.hook_forward import HookForward
 from funcpatch.source_major import CheckpointRecorder, SrcMajorPatcher, SrcMajorRecorder
 from funcpatch.zero_grads import zero_mask_grads
@@ -39,6 +40,10 @@ class OwnForward:
                 "[batch, pos] (int64) and the keyword arguments attention_mask, position_ids, logits_to_keep, "
                 f"in eval mode; got args {[type(a).__name__ for a in args]}, kwargs {sorted(kwargs)}, "
                 f"training={model.training}. Wrap the model as a TransformerBridge (fp.models.from_hf) for other calls")
+        if run is None:  # the bridge's hooks serve this call, on one device only
+            check_one_device(self.decoder.model, f"this call (args {[type(a).__name__ for a in args]}, kwargs "
+                                                 f"{sorted(kwargs)}, training={self.decoder.model.training}) goes "
+                                                 "to the bridge's hook path, which")
         return run
 
     def plain(self, pm, args, kwargs):

@@ -9,6 +9,7 @@ from torch import nn
 
 from funcpatch.backends import Backend, MicroBackend, TransformersBackend, backend_for
 from funcpatch.decoder import decoder_forward_for
+from funcpatch.devices import check_not_offloaded, check_one_device
 from funcpatch.forward import PatchForward
 from funcpatch.graph import Graph, build_graph, micro_nodes, transformer_nodes
 from funcpatch.hook_forward import HookForward
@@ -124,6 +125,7 @@ def patchable(model: nn.Module, *, factorized: bool = True, separate_qkv: Option
         raise ValueError(f"seq_len must be a positive int or None, got {seq_len!r}")
     backend = backend_for(model)
     shape = backend.shape(model)
+    check_not_offloaded(model)
     own = None
     if isinstance(backend, MicroBackend):
         if separate_qkv:
@@ -157,6 +159,8 @@ def patchable(model: nn.Module, *, factorized: bool = True, separate_qkv: Option
     # the hook path: the model's own forward, or the fallback for calls the own forward does not take
     hooks = None if isinstance(backend, TransformersBackend) or shape.n_key_value_heads not in (None, shape.n_heads) \
         else HookForward()
+    if own is None:
+        check_one_device(model, "the hook path (TransformerLens hooks on the model's modules)")
     forward = hooks if own is None else OwnForward(own, hooks)
     pm = PatchableModel(model, graph, backend, out_slice, slice_output, separate_qkv, flags, names, forward,
                         bool(grouped_kv))

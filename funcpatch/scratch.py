@@ -23,14 +23,16 @@ def recording() -> bool:
 
 
 def scratch(slot: str, shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``shape`` tensor like ``like``, this thread's for ``slot``: only one
-    live use per slot at a time (the next request may return the same memory)."""
+    """An uninitialised ``shape`` tensor like ``like``, this thread's for ``slot`` on
+    ``like``'s device: only one live use per slot and device at a time (the next request
+    may return the same memory)."""
     slots = getattr(_LOCAL, "slots", None)
     if slots is None:
         slots = _LOCAL.slots = {}
-    buf = slots.get(slot)
-    if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype or buf.device != like.device:
-        buf = slots[slot] = like.new_empty(shape)
+    key = (slot, like.device)  # a model over several devices uses a slot on each
+    buf = slots.get(key)
+    if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype:
+        buf = slots[key] = like.new_empty(shape)
     return buf
 
 

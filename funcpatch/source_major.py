@@ -24,7 +24,12 @@ class SrcMajorRecorder:
       patched inputs of destination modules reading the residual ``x`` (None: unpatched);
     - ``dest_slots(names, x)``: the same, possibly for the patched head slots only;
     - ``narrow(k) -> bool``: whether the rest of the forward may run on the last ``k``
-      positions only.
+      positions only;
+    - ``enter(device)``: a model over several devices (:mod:`funcpatch.devices`) goes on
+      on ``device`` (never called on one device).
+
+    Over several devices, :meth:`stacked` gathers the sources on the device of the last
+    block (where the forward ends: nothing is copied back to an earlier device).
     """
 
     def __init__(self, pm):
@@ -33,16 +38,27 @@ class SrcMajorRecorder:
         self.dest_modules = {d.module_name: d for d in pm.graph.dest_modules}
         self.outs: Dict[str, torch.Tensor] = {}
         self.joined: Optional[torch.Tensor] = None  # [n_srcs, batch, pos, d] when nothing records the forward
+        self.device: Optional[torch.device] = None  # where the forward runs now, when over several devices
+
+    def enter(self, device: torch.device) -> None:
+        self.device = device
 
     def src(self, name: str, out: torch.Tensor) -> None:
         src = self.src_modules.get(name)
         if src is None:
             return
-        if not recording():  # each output goes to its rows of one tensor: no joined copy at the end
+        if not recording() and self.device is None:  # one device (several: entered before any source)
+            # each output goes to its rows of one tensor: no joined copy at the end
             if self.joined is None:
                 self.joined = out.new_empty((len(self.pm.graph.srcs),) + out.shape[1:])
             out = self.joined[src.srcs[0]:src.srcs[1]].copy_(out)
         self.outs[name] = out
+
+    def src_product(self, name: str, z: torch.Tensor, w: torch.Tensor, shape) -> None:
+        """A source whose output is the per-head product ``bmm(z, w).view(shape)``:
+        ``z [k, rows, d_head]``, ``w [k, d_head, d]``, ``shape (k, batch, pos, d)``."""
+        if name in self.src_modules:
+            self.src(name, torch.bmm(z, w).view(shape))
 
     def dest(self, names, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # nothing is patched: the forward takes its plain path
@@ -55,8 +71,10 @@ class SrcMajorRecorder:
 
     def stacked(self) -> torch.Tensor:
         parts = recorded(self.pm, self.outs, 0, len(self.pm.graph.srcs), "the end of the forward")
-        if self.joined is not None:
+        if self.joined is not None and self.device is None:
             return self.joined
+        if self.device is not None:
+            parts = [t.to(self.device) for t in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -70,6 +88,10 @@ class SrcMajorPatcher(SrcMajorRecorder):
     into one buffer when nothing records the forward (no autograd, no torch.func
     transform: in-place writes would break both); otherwise each source's chunk is kept
     and joined per destination group.
+
+    Over several devices the differences travel with the residual stream: when the
+    forward enters a block on another device (:meth:`enter`) they move there at once,
+    and patch values and masks join them there as they are used.
     """
 
     def __init__(self, pm, state: PatchState, before: Optional[torch.Tensor] = None, repeats: int = 1):
@@ -82,7 +104,10 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         self.post: Dict[str, Tuple[torch.Tensor, object]] = {}  # post-normalized heads: (their sum, the norm)
+        self.shared = 1  # over several devices: _shared_rows of the current per-row masks (see dest_slots)
         if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
+            if before.device != self.patch.device:  # over several devices: joined where they were recorded
+                self.device = before.device
             for s in pm.graph.src_modules:
                 if s.srcs[1] <= before.shape[0]:
                     self._write(s, before[s.srcs[0]:s.srcs[1]].unsqueeze(1).expand(-1, repeats, -1, -1, -1))
@@ -90,6 +115,17 @@ class SrcMajorPatcher(SrcMajorRecorder):
     def narrow(self, k: int) -> bool:
         self.tail = k
         return True
+
+    def enter(self, device: torch.device) -> None:
+        """The forward goes on on ``device``: the differences so far move there, once."""
+        super().enter(device)
+        if self.buffer is not None and self.buffer.device != device:
+            old, self.buffer = self.buffer, self.buffer.to(device)
+            # the sources' differences are views into the buffer: the same views into its copy
+            self.diffs = {k: self.buffer.as_strided(v.shape, v.stride(), v.storage_offset() - old.storage_offset())
+                          for k, v in self.diffs.items()}
+        elif not self.in_place:
+            self.diffs = {k: v.to(device) for k, v in self.diffs.items()}
 
     def _positions(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
         return t if self.tail is None else t.narrow(dim, t.shape[dim] - self.tail, self.tail)
@@ -100,6 +136,26 @@ class SrcMajorPatcher(SrcMajorRecorder):
             if out.shape[1] % self.repeats:
                 raise ValueError(f"batch of {out.shape[1]} rows is not {self.repeats} repeats of the patch values' batch")
             self._write(src, out.unflatten(1, (self.repeats, -1)))
+
+    def src_product(self, name, z, w, shape):
+        """``patch - bmm(z, w)`` in one product, never forming the heads' outputs (when
+        the patch values have the whole batch and nothing is narrowed or repeated)."""
+        src = self.src_modules.get(name)
+        if src is None:
+            return
+        lo, hi = src.srcs
+        patch = self.patch[lo:hi]
+        if self.device is not None:
+            patch = patch.to(self.device)
+        if self.repeats != 1 or self.tail is not None or patch.shape[1:] != shape[1:]:
+            return super().src_product(name, z, w, shape)
+        patch = patch.reshape(z.shape[:2] + patch.shape[-1:])
+        if self.in_place:
+            into = self._buffer(shape[1], shape[2:], z)[lo:hi].view_as(patch)
+            diff = torch.baddbmm(patch, z, w, alpha=-1, out=into)
+        else:
+            diff = torch.baddbmm(patch, z, w, alpha=-1)
+        self.diffs[name] = diff.view(hi - lo, shape[1], *shape[2:])
 
     def post_norm(self, name: str, summed: torch.Tensor, norm) -> None:
         """Source ``name``'s heads are normalized after they are summed (Gemma-2): a
@@ -121,7 +177,11 @@ class SrcMajorPatcher(SrcMajorRecorder):
             b, p = diff.shape[1:3]
             delta = torch.einsum("bphk,kbpd->hbpd", cols.expand(b, p, *cols.shape[2:]), diff)
             summed = self._positions(summed, 1)
+            if self.device is not None:  # over several devices: the norm is where its block ran
+                delta = delta.to(summed.device)
             term = norm(summed + delta) - norm(summed)
+            if self.device is not None:
+                term = term.to(self.device)
             change = term if change is None else change + term
             mask = torch.cat([mask[..., :s0 - lo], torch.zeros_like(cols), mask[..., s1 - lo:]], dim=-1)
         return mask, change
@@ -130,16 +190,23 @@ class SrcMajorPatcher(SrcMajorRecorder):
         """``patch - out`` for one source module; ``out [k, repeats, batch, pos, d]``."""
         lo, hi = src.srcs
         patch = self._positions(self.patch[lo:hi])
+        if self.device is not None:
+            patch, out = patch.to(self.device), out.to(self.device)
         check_patch_shape(patch, out[:, 0], src.module_name)
         patch = patch.unsqueeze(1)
         if self.in_place:
-            if self.buffer is None:  # + one slot for the residual (see _inputs)
-                rows = out.shape[1] * out.shape[2]
-                self.buffer = scratch("diffs", (self.patch.shape[0] + 1, rows) + out.shape[3:], out)
-            into = self._positions(self.buffer[lo:hi]).unflatten(1, out.shape[1:3])
+            rows = out.shape[1] * out.shape[2]
+            into = self._positions(self._buffer(rows, out.shape[3:], out)[lo:hi]).unflatten(1, out.shape[1:3])
             self.diffs[src.module_name] = torch.sub(patch, out, out=into)
         else:
             self.diffs[src.module_name] = (patch - out).flatten(1, 2)
+
+    def _buffer(self, rows: int, per_row, like: torch.Tensor) -> torch.Tensor:
+        """The in-place differences ``[n_srcs + 1, rows, *per_row]`` (``per_row``: pos, d;
+        + one slot for the residual, see ``_mixed``), made at the first source."""
+        if self.buffer is None:
+            self.buffer = scratch("diffs", (self.patch.shape[0] + 1, rows) + tuple(per_row), like)
+        return self.buffer
 
     def dest(self, names, x):
         got = self.dest_slots(names, x, sparse=False)
@@ -165,6 +232,11 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 mask = mask.index_select(-2, slots)
                 if len(slots) == 0:
                     return slots, x.new_empty((0,) + x.shape)
+        if self.device is not None:  # (after the tests that read the masks' values: done where they are)
+            if mask.shape[0] > 1 and mask.shape[1] == 1:
+                self.shared = _shared_rows(mask)  # see _mixed
+            mask = mask.to(self.device)
+            slots = None if slots is None else slots.to(self.device)
         return slots, self._inputs(group, mask, x)
 
     def _inputs(self, group, mask, x):
@@ -201,7 +273,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 return torch.mm(mask[0, 0], flat, out=out).view(-1, b, p, d)
             # masks per batch row: one product per group of rows that share their masks
             # (circuits stacked along the batch; else single rows), reading the differences in place
-            shared = _shared_rows(mask)
+            shared = _shared_rows(mask) if self.device is None else self.shared
             g = b // shared
             mask = mask[::shared, 0]  # [groups, heads_total, n]
             rows = diff.unflatten(1, (g, shared)).transpose(0, 1).flatten(2)  # [groups, n, shared * pos * d]

@@ -15,7 +15,10 @@ the plain (clean) forward. No per-head copies of the residual are needed to get 
   norm or RMSNorm) at the shared residual ``x``, the same for every slot.
 
 (The patched forward's extra path, through ``out_s`` inside the differences, carries
-``-m^T g = 0`` at masks = 0, so this is the exact gradient.) Equal to
+``-m^T g = 0`` at masks = 0, so this is the exact gradient.) Over several devices the
+forward and backward run block by block where the weights are; the scores are taken on
+the patch values' device (where the recorded sources are gathered: the last block's),
+so gradients and source outputs only ever move forward. Equal to
 ``torch.func.grad`` of the patched forward in tests/test_algos_grad.py. Not used where
 heads are normalized after they are summed (Gemma-2: their edges are not additive).
 
@@ -112,7 +115,7 @@ def _diffs(pm, vis: _ZeroInputs, patch: torch.Tensor, batch: int, lo: int, hi: i
         if not vis.record:
             yield a, b, patch[a:b]
             continue
-        out = vis.outs[s.module_name][a - s.srcs[0]:b - s.srcs[0]]
+        out = vis.outs[s.module_name][a - s.srcs[0]:b - s.srcs[0]].to(patch.device)
         diff = scratch(f"eap diff {b - a}", (b - a, batch, *patch.shape[2:]), patch)  # heads, MLP: two buffers
         diff.copy_(patch[a:b].expand(-1, batch, -1, -1))
         diff[:, :, diff.shape[2] - out.shape[2]:] -= out
@@ -126,7 +129,7 @@ def _scores(pm, decoder, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: in
     for d in g.dest_modules:
         lo, hi = d.in_srcs
         if d.n_heads is None:  # one "head": the gradient w.r.t. its own input
-            grad_in = grads[d.module_name].unsqueeze(0)  # [1, batch, pos', d]
+            grad_in = grads[d.module_name].unsqueeze(0).to(patch.device)  # [1, batch, pos', d]
             scores[d.module_name] = torch.cat(
                 [_dot(grad_in, diff[:, :, diff.shape[2] - grad_in.shape[2]:], g.seq_len)
                  for _, _, diff in _diffs(pm, vis, patch, batch, lo, hi)], -1)[..., 0, :]
@@ -134,7 +137,8 @@ def _scores(pm, decoder, vis: _ZeroInputs, grads, patch: torch.Tensor, batch: in
         names = [f"blocks.{block}.hook_{x}_input" for x in "qkv"]
         split = names[0] in vis.dest_modules
         lo, hi = vis.dest_modules[names[0] if split else f"blocks.{block}.hook_attn_in"].in_srcs
-        head = _HeadGrads(pm, decoder, block, grads[("qkv", block)], vis.checkpoints[(block, 0)][0], split)
+        head = _HeadGrads(pm, decoder, block, grads[("qkv", block)], vis.checkpoints[(block, 0)][0], split,
+                          patch.device)
         per_slot = torch.cat([head.scores(diff) for _, _, diff in _diffs(pm, vis, patch, batch, lo, hi)], -1)
         if split:
             start = 0
@@ -165,11 +169,12 @@ class _HeadGrads:
     The norm's backward ``g = rstd (y - mean(y) - xhat mean(y xhat))`` (``y``: the
     gradient at its output times its weight; RMSNorm has no ``mean(y)`` term) is applied
     to the differences' side of the product, per position, so ``g`` itself is never formed.
-    The slot side is computed once; :meth:`scores` takes the differences a chunk of
-    sources at a time.
+    The slot side is computed once, on the block's device, then moved to ``device``
+    (the differences'); :meth:`scores` takes the differences a chunk of sources at a time.
     """
 
-    def __init__(self, pm, decoder, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, split: bool):
+    def __init__(self, pm, decoder, block: int, grad_qkv: torch.Tensor, x: torch.Tensor, split: bool,
+                 device: torch.device):
         w = decoder.weights()
         H, dh = decoder.n_heads, decoder.d_head
         _, b, p, _ = grad_qkv.shape
@@ -195,6 +200,10 @@ class _HeadGrads:
         self.y_xhat = (G * torch.matmul(self.xhat, weight.transpose(1, 2))).sum(-1) / d  # [slots, b*p]: mean_d y*xhat
         if self.centred:
             self.y_sum = torch.bmm(G, weight.sum(-1, keepdim=True))[..., 0] / d  # [slots, b*p]: mean_d y
+        if device != self.y.device:
+            self.y, self.xhat, self.y_xhat = self.y.to(device), self.xhat.to(device), self.y_xhat.to(device)
+            if self.centred:
+                self.y_sum = self.y_sum.to(device)
 
     def scores(self, diff: torch.Tensor) -> torch.Tensor:
         """``[slots, n]`` (per position ``[seq, slots, n]``) for ``diff [n, batch, pos, d]``."""

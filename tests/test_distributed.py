@@ -53,7 +53,8 @@ def _leaves(x):
     return pytree.tree_flatten(x)
 
 
-def _close(a, b, rtol=1e-6):
+def _close(a, b, rtol=1e-6, unit=1e-12):
+    """Leaves equal within ``rtol`` of their size (floats: of ``max(|b|, unit)``)."""
     (la, sa), (lb, sb) = _leaves(a), _leaves(b)
     assert sa == sb
     for x, y in zip(la, lb):
@@ -61,7 +62,7 @@ def _close(a, b, rtol=1e-6):
             scale = max(float(y.abs().max()), 1e-12) if y.numel() else 1.0
             assert x.shape == y.shape and float((x - y).abs().max()) <= rtol * scale, (x, y)
         elif isinstance(x, float):
-            assert abs(x - y) <= rtol * max(abs(y), 1e-12)
+            assert abs(x - y) <= rtol * max(abs(y), unit)
         else:
             assert x == y
 
@@ -87,7 +88,10 @@ def test_prompt_split_results_equal_one_process(two_ranks, single, name):
     # a batch's prompts are split: partial sums added in rank order, equal on every rank
     ranks = two_ranks[1]
     _close(ranks[0][name], ranks[1][name], rtol=0.0)
-    _close(ranks[0][name], single[name], rtol=1e-6)
+    # ACDC's faithfulness is a divergence from the clean outputs (KL, in nats), 0 for a
+    # perfect circuit, so its own size is no scale: within 1e-6 nats below 1 (split batches
+    # go through products of other shapes, which round differently)
+    _close(ranks[0][name], single[name], rtol=1e-6, unit=1.0 if name == "acdc" else 1e-12)
     if name == "acdc":  # the discrete decisions: the same removed edges at every tau
         assert [r[0] for r in ranks[0][name]] == [r[0] for r in single[name]]
         assert any(r[0] for r in single[name]), "no run removed an edge: the test would prove nothing"

@@ -157,7 +157,8 @@ def _means(pm, loader, positional: bool) -> torch.Tensor:
         for b in (batches[i] for i in distributed.my_batches(batches)):
             kwargs = forward_kwargs(b, "clean")
             outs = record_src_outs(pm, b.clean, **kwargs)[1]
-            outs = torch.cat([_token_embedding(pm, b.clean, kwargs)[None].to(outs.dtype), outs[1:]])
+            # (over several devices the sources are on the last block's device, the embedding on the first's)
+            outs = torch.cat([_token_embedding(pm, b.clean, kwargs)[None].to(outs), outs[1:]])
             if positional:
                 if getattr(b, "attention_mask", None) is not None and not bool(b.attention_mask.all()):
                     raise ValueError("mean-positional needs unpadded prompts of one length (MIB's positions "
