@@ -112,8 +112,8 @@ class DecoderForward:
 
         ``visitor`` sees the nodes in source-major layout: ``visitor.src(hook, out)``
         with ``out [k, batch, pos, d]`` (k heads, or 1), or, for the heads' outputs,
-        ``visitor.src_product(hook, z, w, shape)`` with ``out = bmm(z, w).view(shape)``, and ``visitor.dest(hooks, x)``
-        with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
+        ``visitor.src_product(hook, z, w, shape)`` with ``out = bmm(z, w).view(shape)``;
+        and ``visitor.dest(hooks, x)`` with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
         returns their patched inputs ``[slots, batch, pos, d]`` or None (unpatched).
         A visitor with ``checkpoint(point, resid)`` also sees the residual at each point
         a forward can resume from: ``(i, 0)`` entering block ``i``, ``(i, 1)`` entering
