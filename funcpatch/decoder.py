@@ -104,6 +104,12 @@ class DecoderForward:
             weight = 1.0 + weight.float()
         return F.rms_norm(x, x.shape[-1:], weight, self.eps).to(x.dtype)
 
+    def norm_gain(self, w, key: str) -> torch.Tensor:
+        """The norm ``key``'s per-feature scale ``[d]``, for folding it into the weights that
+        read its output: its weight, or ``1 + weight`` (Gemma's offset RMSNorm)."""
+        weight = w[key + ".w"]
+        return 1.0 + weight if self.arch.norm == "rms_offset" else weight
+
     def forward(self, w: Mapping[str, torch.Tensor], tokens: torch.Tensor, visitor,
                 attention_mask: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
                 resume: Optional[Tuple[Tuple[int, int], torch.Tensor]] = None,
@@ -361,8 +367,7 @@ class DecoderForward:
         m, b, p, d = x.shape
         rms = self.arch.norm != "layer"
         if rms:
-            gain = w[ln + ".w"]
-            weight = weight * (1.0 + gain if self.arch.norm == "rms_offset" else gain)[:, None]
+            weight = weight * self.norm_gain(w, ln)[:, None]
         batch_major = not x.is_contiguous()
         if batch_major:
             x = x.transpose(0, 1)  # [b, m, p, d], contiguous underneath

@@ -181,9 +181,7 @@ class _HeadGrads:
         d = x.shape[-1]
         self.b, self.p, self.d, self.seq_len = b, p, d, pm.graph.seq_len
         self.centred = decoder.arch.norm == "layer"
-        norm_w = w[f"{block}.ln1.w"]
-        if decoder.arch.norm == "rms_offset":
-            norm_w = 1.0 + norm_w
+        norm_w = decoder.norm_gain(w, f"{block}.ln1")
         if split:
             weight = decoder.slot_weights(w, block)[0] * norm_w  # [slots, dh, d]
             G = grad_qkv.reshape(grad_qkv.shape[0], b * p, dh)
