@@ -104,7 +104,6 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         self.post: Dict[str, Tuple[torch.Tensor, object]] = {}  # post-normalized heads: (their sum, the norm)
-        self.shared = 1  # over several devices: _shared_rows of the current per-row masks (see dest_slots)
         if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
             if before.device != self.patch.device:  # over several devices: joined where they were recorded
                 self.device = before.device
@@ -232,23 +231,24 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 mask = mask.index_select(-2, slots)
                 if len(slots) == 0:
                     return slots, x.new_empty((0,) + x.shape)
-        if self.device is not None:  # (after the tests that read the masks' values: done where they are)
-            if mask.shape[0] > 1 and mask.shape[1] == 1:
-                self.shared = _shared_rows(mask)  # see _mixed
+        # rows sharing their masks (see _mixed), read where the masks are (before a move)
+        shared = _shared_rows(mask) if mask.shape[0] > 1 and mask.shape[1] == 1 else 1
+        if self.device is not None:
             mask = mask.to(self.device)
             slots = None if slots is None else slots.to(self.device)
-        return slots, self._inputs(group, mask, x)
+        return slots, self._inputs(group, mask, x, shared)
 
-    def _inputs(self, group, mask, x):
+    def _inputs(self, group, mask, x, shared: int):
         lo, hi = group[0].in_srcs
         if self.post:
             mask, change = self._post_normed(lo, hi, mask)
             if change is not None:
-                return self._mixed(group, mask, x) + change
-        return self._mixed(group, mask, x)
+                return self._mixed(group, mask, x, shared) + change
+        return self._mixed(group, mask, x, shared)
 
-    def _mixed(self, group, mask, x):
-        """The inputs from the additive sources: ``x + mask @ diffs`` (see the class docstring)."""
+    def _mixed(self, group, mask, x, shared: int):
+        """The inputs from the additive sources: ``x + mask @ diffs`` (see the class
+        docstring); with per-row masks, ``shared`` consecutive rows have equal masks."""
         lo, hi = group[0].in_srcs
         chunks = recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
         if self.in_place:
@@ -273,7 +273,6 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 return torch.mm(mask[0, 0], flat, out=out).view(-1, b, p, d)
             # masks per batch row: one product per group of rows that share their masks
             # (circuits stacked along the batch; else single rows), reading the differences in place
-            shared = _shared_rows(mask) if self.device is None else self.shared
             g = b // shared
             mask = mask[::shared, 0]  # [groups, heads_total, n]
             rows = diff.unflatten(1, (g, shared)).transpose(0, 1).flatten(2)  # [groups, n, shared * pos * d]
