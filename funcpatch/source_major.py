@@ -47,18 +47,31 @@ class SrcMajorRecorder:
         src = self.src_modules.get(name)
         if src is None:
             return
-        if not recording() and self.device is None:  # one device (several: entered before any source)
-            # each output goes to its rows of one tensor: no joined copy at the end
-            if self.joined is None:
-                self.joined = out.new_empty((len(self.pm.graph.srcs),) + out.shape[1:])
-            out = self.joined[src.srcs[0]:src.srcs[1]].copy_(out)
-        self.outs[name] = out
+        into = self._joined_rows(src, out.shape, out)
+        self.outs[name] = out if into is None else into.copy_(out)
 
     def src_product(self, name: str, z: torch.Tensor, w: torch.Tensor, shape) -> None:
         """A source whose output is the per-head product ``bmm(z, w).view(shape)``:
         ``z [k, rows, d_head]``, ``w [k, d_head, d]``, ``shape (k, batch, pos, d)``."""
-        if name in self.src_modules:
+        src = self.src_modules.get(name)
+        if src is None:
+            return
+        into = self._joined_rows(src, shape, z)
+        if into is None:
             self.src(name, torch.bmm(z, w).view(shape))
+        else:  # the product written in place: no heads' tensor to copy
+            torch.bmm(z, w, out=into.view(z.shape[0], z.shape[1], w.shape[-1]))
+            self.outs[name] = into
+
+    def _joined_rows(self, src, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where source ``src``'s output (``shape``; dtype and device of ``like``) is
+        recorded when every output goes to its rows of one tensor ``[n_srcs, batch, pos,
+        d]`` (nothing records the forward, one device: no joined copy at the end); else None."""
+        if recording() or self.device is not None:  # (several devices: entered before any source)
+            return None
+        if self.joined is None:
+            self.joined = like.new_empty((len(self.pm.graph.srcs),) + tuple(shape[1:]))
+        return self.joined[src.srcs[0]:src.srcs[1]]
 
     def dest(self, names, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # nothing is patched: the forward takes its plain path
@@ -147,7 +160,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         if self.device is not None:
             patch = patch.to(self.device)
         if self.repeats != 1 or self.tail is not None or patch.shape[1:] != shape[1:]:
-            return super().src_product(name, z, w, shape)
+            return self.src(name, torch.bmm(z, w).view(shape))
         patch = patch.reshape(z.shape[:2] + patch.shape[-1:])
         if self.in_place:
             into = self._buffer(shape[1], shape[2:], z)[lo:hi].view_as(patch)
