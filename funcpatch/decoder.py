@@ -72,6 +72,19 @@ class DecoderForward:
         # slot -> row of the joined per-head projection [H + 2G, dh, d] (Q heads, K heads, V heads)
         self.slot_rows = torch.cat([torch.arange(H), H + kv, H + G + kv])
         self.n_kv_slots = len(kv)
+        # Rotary models keep each Q/K head's rotated dims in pairs, (x_i, x_{i + half}) of the
+        # rotate-half convention side by side: their weight rows are permuted (qkv_rows), a
+        # rotation is then one complex product (_rotate), and q . k is unchanged (the same
+        # order on both). None: no rotary.
+        self.pair_order = None
+        if a.positions == "rotary":
+            half = a.rotary_dims // 2
+            order = torch.arange(self.d_head)
+            order[:2 * half] = torch.stack([torch.arange(half), half + torch.arange(half)], dim=1).flatten()
+            self.pair_order = order
+            qk = (torch.arange(H + G)[:, None] * self.d_head + order).flatten()
+            self._qkv_order = torch.cat([qk, torch.arange((H + G) * self.d_head, (H + 2 * G) * self.d_head)])
+        self._derived: dict = {}  # name -> (what it was made from, value): see derived()
 
     def weights(self, params: Optional[Mapping[str, torch.Tensor]] = None):
         """The weights by canonical key (:func:`funcpatch.arch.resolve`)."""
@@ -93,6 +106,26 @@ class DecoderForward:
             return None
         w = self.weights(params)
         return lambda visitor: self.forward(w, tokens, visitor, attention_mask, keep, resume, position_ids)
+
+    def derived(self, name: str, sources, make):
+        """``make()``, a value computed from the weight tensors ``sources`` only, reused
+        while each of them is the same tensor object, storage and version (no in-place
+        write since) and nothing records the forward (under autograd or torch.func the
+        weights may be traced or batched: computed afresh). Saves rebuilding per-layer
+        weight layouts on every call (measured: ~0.4 ms of a 30 ms forward)."""
+        if recording():
+            return make()
+        try:
+            key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+        except RuntimeError:  # a tensor with no storage to key on (a wrapper, a fake tensor): not cached
+            return make()
+        hit = self._derived.get(name)
+        # the tensors themselves are held (hit[2]): an id is not reused while they live
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = make()
+        self._derived[name] = (key, value, tuple(sources))
+        return value
 
     def norm(self, w, key: str, x: torch.Tensor) -> torch.Tensor:
         """The model's norm ``key`` (``ln1``, ``final``, ...) over the last dim of ``x``."""
@@ -164,9 +197,8 @@ class DecoderForward:
         rotary = None
         if a.positions == "rotary":
             cos, sin = self.rotary(resid, (pos.expand(b, p) if pos.shape[0] != b else pos).to(resid.device))
-            cos, sin = cos.to(resid.dtype), sin.to(resid.dtype)
-            half = sin.shape[-1] // 2  # the first half's sine with its sign: see _rotate
-            rotary = (cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
+            half = sin.shape[-1] // 2  # each pair's angle (rotate-half repeats it in both halves): see _rotate
+            rotary = (cos[..., :half].to(resid.dtype), sin[..., :half].to(resid.dtype))
         rotaries = {} if rotary is None else {rotary[0].device: rotary}  # device -> the rotary tables there
         masks = {}  # (window, device) -> the keys each query may see
         checkpoint = getattr(visitor, "checkpoint", None)
@@ -262,11 +294,14 @@ class DecoderForward:
 
     def qkv_rows(self, w: Mapping[str, torch.Tensor], i: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Block ``i``'s joined Q, K, V projection ``[(H + 2G) * dh, d]`` (as ``nn.Linear``)
-        and bias (or None): rows per head, Q heads then K heads then V heads."""
+        and bias (or None): rows per head, Q heads then K heads then V heads; with rotary
+        positions, a Q/K head's rows in rotation pairs (:attr:`pair_order`)."""
         weight = torch.cat([w[f"{i}.{x}.w"] for x in "qkv"])
-        if f"{i}.q.b" not in w:
-            return weight, None
-        return weight, torch.cat([w[f"{i}.{x}.b"] for x in "qkv"])
+        bias = torch.cat([w[f"{i}.{x}.b"] for x in "qkv"]) if f"{i}.q.b" in w else None
+        if self.pair_order is None:
+            return weight, bias
+        order = self._qkv_order.to(weight.device)  # Q/K rows in rotation pairs (see __init__)
+        return weight.index_select(0, order), None if bias is None else bias.index_select(0, order)
 
     def slot_weights(self, w: Mapping[str, torch.Tensor], i: int):
         """Block ``i``'s projection per Q/K/V slot: ``[slots, dh, d]`` and bias ``[slots, 1, dh]``
@@ -276,6 +311,23 @@ class DecoderForward:
         weight = weight.view(-1, self.d_head, weight.shape[-1]).index_select(0, rows)
         return weight, None if bias is None else bias.view(-1, 1, self.d_head).index_select(0, rows)
 
+    def _patched_slots(self, w, i: int, resid: torch.Tensor, visitor) -> Optional[torch.Tensor]:
+        """Block ``i``'s Q/K/V slots ``[slots, b, p, dh]`` from their patched inputs, or None
+        when the graph has no Q/K/V destinations."""
+        got = visitor.dest_slots([f"blocks.{i}.hook_{n}_input" for n in "qkv"], resid)
+        if got is None:
+            return None
+        w_in, b_slots = self._slot_projection(w, i)  # [slots, d, dh], [slots, 1, dh]
+        slots, x = got
+        ln = f"{i}.ln1"
+        if slots is None:
+            return self._project(w, ln, x, w_in, b_slots)
+        qkv = self._plain_slots(w, i, resid)  # only some slots are patched: the others project the residual itself
+        if len(slots):
+            qkv = qkv.index_copy(0, slots, self._project(w, ln, x, w_in[slots],
+                                                         None if b_slots is None else b_slots[slots]))
+        return qkv
+
     def _attention(self, w, i: int, resid: torch.Tensor, visitor, allowed, rotary, tail: int = 0) -> torch.Tensor:
         """Attention block ``i``'s output ``[batch, pos, d]`` (per-head results go to the
         visitor); with ``tail`` and a visitor that narrows, the last ``tail`` query positions only."""
@@ -284,18 +336,8 @@ class DecoderForward:
         H, G, dh = a.n_heads, a.n_kv_heads, self.d_head
         pre = f"blocks.{i}."
         ln = f"{i}.ln1"
-        got = visitor.dest_slots([pre + f"hook_{n}_input" for n in "qkv"], resid)
-        if got is not None:
-            w_slots, b_slots = self.slot_weights(w, i)  # [slots, dh, d], [slots, 1, dh]
-            w_in = w_slots.transpose(1, 2)
-            slots, x = got
-            if slots is None:
-                qkv = self._project(w, ln, x, w_in, b_slots)  # [slots, b, p, dh]
-            else:  # only some slots are patched: the others project the residual itself
-                qkv = self._plain_slots(w, i, resid)
-                if len(slots):
-                    qkv = qkv.index_copy(0, slots, self._project(w, ln, x, w_in[slots],
-                                                                 None if b_slots is None else b_slots[slots]))
+        qkv = self._patched_slots(w, i, resid, visitor)  # [slots, b, p, dh], or None: no slot is a destination
+        if qkv is not None:
             n_k = self.n_kv_slots
         else:
             qkv = None
@@ -323,7 +365,7 @@ class DecoderForward:
             else:
                 q, k, v = qkv[:H], qkv[H:H + n_k], qkv[H + n_k:]
         if a.qk_norm:
-            q, k = self.norm(w, f"{i}.q_norm", q), self.norm(w, f"{i}.k_norm", k)
+            q, k = self._head_norm(w, f"{i}.q_norm", q), self._head_norm(w, f"{i}.k_norm", k)
         if rotary is not None:
             q, k = _rotate(q, *rotary, a.rotary_dims), _rotate(k, *rotary, a.rotary_dims)
         if k.shape[0] != H:  # grouped keys/values: each query head reads its group's
@@ -343,10 +385,35 @@ class DecoderForward:
             out = normed
         return out
 
+    def _head_norm(self, w, key: str, x: torch.Tensor) -> torch.Tensor:
+        """The per-head norm ``key`` (Qwen3's q/k norms) over the head dims of ``x``, which
+        are in rotation pairs (its weight permuted alike)."""
+        if self.pair_order is None:
+            return self.norm(w, key, x)
+        order = self.pair_order.to(x.device)
+        return self.norm({k: w[k].index_select(0, order) for k in (key + ".w", key + ".b") if k in w}, key, x)
+
+    def _qkv_sources(self, w, i: int):
+        """The weight tensors block ``i``'s Q/K/V projection is made from."""
+        return [w[k] for k in (f"{i}.{x}.{y}" for x in "qkv" for y in "wb") if k in w]
+
+    def _slot_projection(self, w, i: int):
+        """Block ``i``'s per-slot projection as :meth:`_project` takes it: ``[slots, d, dh]``
+        (with an RMSNorm, its scale folded in) and bias ``[slots, 1, dh]`` or None."""
+        ln = f"{i}.ln1"
+        rms = self.arch.norm != "layer"
+
+        def make():
+            weight, bias = self.slot_weights(w, i)
+            weight = weight.transpose(1, 2)
+            return (weight * self.norm_gain(w, ln)[:, None] if rms else weight), bias
+
+        return self.derived(f"slots {i}", self._qkv_sources(w, i) + ([w[ln + ".w"]] if rms else []), make)
+
     def _plain_rows(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
         """Block ``i``'s Q, K and V heads projected from the residual itself: ``[H + 2G, b, p, dh]``."""
         b, p, _ = resid.shape
-        weight, bias = self.qkv_rows(w, i)
+        weight, bias = self.derived(f"qkv {i}", self._qkv_sources(w, i), lambda: self.qkv_rows(w, i))
         return F.linear(self.norm(w, f"{i}.ln1", resid), weight, bias).view(b, p, -1, self.d_head).permute(2, 0, 1, 3)
 
     def _plain_slots(self, w, i: int, resid: torch.Tensor) -> torch.Tensor:
@@ -361,13 +428,12 @@ class DecoderForward:
         (``weight [m, d, dh]``, ``bias [m, 1, dh]`` or None). ``x`` may be batch-major
         underneath (a transposed ``[b, m, p, d]``, as per-row masks give): then it stays so.
 
-        An RMSNorm is folded into the projection: its weight into ``weight``, its ``1/rms``
-        applied to the projected ``dh`` values rather than to the ``d`` inputs (one
-        reduction over ``x`` instead of the several passes torch's RMSNorm makes on a CPU)."""
+        An RMSNorm is folded into the projection: its weight is already in ``weight``
+        (:meth:`_slot_projection`), its ``1/rms`` is applied to the projected ``dh`` values
+        rather than to the ``d`` inputs (one reduction over ``x`` instead of the several
+        passes torch's RMSNorm makes on a CPU)."""
         m, b, p, d = x.shape
         rms = self.arch.norm != "layer"
-        if rms:
-            weight = weight * self.norm_gain(w, ln)[:, None]
         batch_major = not x.is_contiguous()
         if batch_major:
             x = x.transpose(0, 1)  # [b, m, p, d], contiguous underneath
@@ -391,16 +457,18 @@ class DecoderForward:
         return out.transpose(0, 1) if batch_major else out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, dims: int) -> torch.Tensor:
-    """Rotary position embedding on the first ``dims`` of each head's dims (the rotated
-    halves convention of Llama and GPT-NeoX): ``x * cos + rotate_half(x) * sin``, with
-    ``rotate_half(x) = (-x2, x1)`` written as the swapped halves ``(x2, x1)`` times the sine
-    with its first half negated (``signed_sin``, once per forward). ``x [heads, b, p, dh]``,
-    ``cos``/``signed_sin [b | 1, p, dims]``."""
-    rot, rest = (x, None) if dims == x.shape[-1] else (x[..., :dims], x[..., dims:])
-    half = dims // 2
-    out = torch.addcmul(rot * cos, torch.cat([rot[..., half:], rot[..., :half]], dim=-1), signed_sin)
-    return out if rest is None else torch.cat([out, rest], dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+    """Rotary position embedding on the first ``dims`` of each head's dims, held in
+    rotation pairs (:attr:`DecoderForward.pair_order`): each pair turned by its angle.
+    ``x [heads, b, p, dh]``, ``cos``/``sin [b | 1, p, dims / 2]``. Where nothing records
+    the forward, in place as one complex product; else out of place."""
+    if not recording() and x.dtype in (torch.float32, torch.float64):
+        torch.view_as_complex(x[..., :dims].unflatten(-1, (-1, 2))).mul_(torch.complex(cos, sin))
+        return x
+    pairs = x[..., :dims].unflatten(-1, (-1, 2))
+    first, second = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-1).flatten(-2)
+    return out if dims == x.shape[-1] else torch.cat([out, x[..., dims:]], dim=-1)
 
 
 def _allowed(attention_mask: Optional[torch.Tensor], p: int, window: Optional[int], device) -> torch.Tensor:

@@ -117,6 +117,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         self.post: Dict[str, Tuple[torch.Tensor, object]] = {}  # post-normalized heads: (their sum, the norm)
+        self.sums: Optional[_RunningSums] = None  # single-input destinations' sums, see _RunningSums
         if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
             if before.device != self.patch.device:  # over several devices: joined where they were recorded
                 self.device = before.device
@@ -279,6 +280,12 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 flat = diff.reshape(n, -1)
                 if not self.in_place:
                     return torch.addmm(x.reshape(1, -1), mask[0, 0], flat).view(-1, b, p, d)
+                if mask.shape[2] == 1 and self.tail is None and self.device is None and not self.post:
+                    if self.sums is None:
+                        self.sums = _RunningSums.plan(self, group[0], x)
+                    summed = None if self.sums is None else self.sums.take(group[0], self.buffer)
+                    if summed is not None:
+                        return torch.add(x.reshape(1, -1), summed).view(1, b, p, d)
                 # head slots are read once, right away (layer norm); a module's input may
                 # become the residual stream itself, so it gets its own tensor
                 heads = mask.shape[2]
@@ -298,6 +305,59 @@ class SrcMajorPatcher(SrcMajorRecorder):
             return out.view(heads, b, p, d)
         delta = torch.einsum("bphn,nbpd->hbpd", mask.expand(b, p, *mask.shape[2:]), diff)
         return delta if self.in_place else x + delta
+
+
+class _RunningSums:
+    """The masked sums of the destinations that read the residual as one row (MLP inputs,
+    the final residual), kept for all of them at once in a no-grad forward with masks
+    shared by the whole batch: each time one is read, the sources written since the last
+    read are added to every destination still to come (one product over those sources
+    only), so every source's difference is read once, not once per destination after it
+    (measured on the Llama benchmark: 37 rows read instead of 132)."""
+
+    def __init__(self, names, masks: torch.Tensor, sums: torch.Tensor):
+        self.names = names  # module names of the destinations, by the end of their sources
+        self.masks = masks  # [k, n_srcs]: each one's masks, 0 outside its sources
+        self.sums = sums  # [k, batch * pos * d]
+        self.done = 0  # sources [0, done) are in every sum from `first` on
+        self.first = 0
+
+    @classmethod
+    def plan(cls, patcher: "SrcMajorPatcher", start, x: torch.Tensor) -> Optional["_RunningSums"]:
+        """The single-row destinations from ``start`` on, or None where one has masks per
+        row or per position (those take the plain product)."""
+        pm = patcher.pm
+        later = sorted((d for d in pm.graph.dest_modules
+                        if d.n_heads is None and d.in_srcs[1] >= start.in_srcs[1] and d.in_srcs[1] > d.in_srcs[0]),
+                       key=lambda d: d.in_srcs[1])
+        n_srcs = patcher.buffer.shape[0] - 1
+        rows = []
+        for d in later:
+            mask = group_mask(pm, patcher.state, [d])  # [batch | 1, pos | 1, 1, n_in]
+            if mask.shape[0] != 1 or mask.shape[1] != 1:
+                return None
+            lo, hi = d.in_srcs
+            rows.append(torch.nn.functional.pad(mask[0, 0, 0], (lo, n_srcs - hi)))
+        sums = scratch("running sums", (len(rows), x.numel()), x)
+        return cls([d.module_name for d in later], torch.stack(rows), sums)
+
+    def take(self, dest, buffer: torch.Tensor) -> Optional[torch.Tensor]:
+        """``sum_s mask[s] * diff[s]`` for destination ``dest`` (``[1, batch * pos * d]``), or
+        None when it is not one of the planned destinations still to come."""
+        if dest.module_name not in self.names[self.first:]:
+            return None
+        k = self.names.index(dest.module_name, self.first)
+        hi = dest.in_srcs[1]
+        if hi > self.done:
+            new = buffer[self.done:hi].view(hi - self.done, -1)
+            masks = self.masks[k:, self.done:hi]
+            if self.done == 0:
+                torch.mm(masks, new, out=self.sums[k:])
+            else:
+                self.sums[k:].addmm_(masks, new)
+            self.done = hi
+        self.first = k + 1
+        return self.sums[k:k + 1]
 
 
 def _shared_rows(mask: torch.Tensor) -> int:

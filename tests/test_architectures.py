@@ -121,6 +121,66 @@ def test_no_edge_is_clean_and_every_edge_is_corrupt(name, grouped):
             assert rel(fp.patched_forward(pm, every, clean), want_corrupt) <= 1e-5
 
 
+def _random_masks(state, generator, batch=None):
+    lead = () if batch is None else (batch,)
+    return dataclasses.replace(state, masks={k: torch.rand(lead + v.shape, generator=generator)
+                                             for k, v in state.masks.items()})
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_no_grad_forward_equals_the_autograd_forward_on_random_masks(name, grouped):
+    """Without autograd the forward takes its own path (differences in one buffer, running
+    sums for single-row destinations, rotations in place as complex products, weight
+    layouts reused across calls); with autograd everything is out of place and rebuilt.
+    Both agree on random masks, shared by the batch and per row, and a repeated no-grad
+    call gives the same bits."""
+    hf = model(name)
+    clean, corrupt = toks(8), toks(9)
+    pm = fp.patchable(hf, grouped_kv=grouped)
+    state = fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, corrupt))
+    g = torch.Generator().manual_seed(3)
+    for batch in (None, clean.shape[0]):
+        s = _random_masks(state, g, batch)
+        with torch.no_grad():
+            fast = fp.patched_forward(pm, s, clean)
+            again = fp.patched_forward(pm, s, clean)
+        slow = fp.patched_forward(pm, s, clean)
+        assert rel(fast, slow) <= 1e-5
+        assert torch.equal(fast, again)
+        assert rel(fast, hf(clean).logits) > 1e-3  # the masks matter
+
+
+def test_weights_changed_between_no_grad_calls_are_used():
+    """The weight layouts a no-grad forward reuses across calls are rebuilt when a weight
+    they come from changes: in place (an optimizer step, load_state_dict) or replaced
+    (``.data``), the projection's or the norm's folded into it."""
+    import copy
+    hf = copy.deepcopy(model("llama3-gqa"))
+    clean, corrupt = toks(10), toks(11)
+    pm = fp.patchable(hf)
+    state = _random_masks(fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, corrupt)),
+                          torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(5)
+    layer = hf.model.layers[1]
+    changes = [
+        lambda: layer.self_attn.q_proj.weight.add_(0.2 * torch.randn(layer.self_attn.q_proj.weight.shape, generator=g)),
+        lambda: setattr(layer.self_attn.k_proj.weight, "data", layer.self_attn.k_proj.weight.data + 0.2),
+        lambda: layer.input_layernorm.weight.mul_(1.5),
+        lambda: layer.self_attn.v_proj.bias.add_(0.3),
+        lambda: hf.load_state_dict(model("llama3-gqa").state_dict()),
+    ]
+    with torch.no_grad():
+        before = fp.patched_forward(pm, state, clean)
+    for change in changes:
+        with torch.no_grad():
+            change()
+            after = fp.patched_forward(pm, state, clean)
+        assert rel(after, before) > 1e-4
+        assert rel(after, fp.patched_forward(pm, state, clean)) <= 1e-6  # autograd: nothing reused
+        before = after
+
+
 def test_grouped_graph_names_and_counts():
     hf = model("llama3-gqa")  # 3 layers, 4 query heads, 2 key/value heads
     per_head, grouped = fp.patchable(hf), fp.patchable(hf, grouped_kv=True)
