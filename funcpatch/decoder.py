@@ -198,7 +198,10 @@ class DecoderForward:
         if a.positions == "rotary":
             cos, sin = self.rotary(resid, (pos.expand(b, p) if pos.shape[0] != b else pos).to(resid.device))
             half = sin.shape[-1] // 2  # each pair's angle (rotate-half repeats it in both halves): see _rotate
-            rotary = (cos[..., :half].to(resid.dtype), sin[..., :half].to(resid.dtype))
+            cos, sin = cos[..., :half].to(resid.dtype), sin[..., :half].to(resid.dtype)
+            # where nothing records the forward, rotations are complex products in place
+            turn = None if recording() or resid.dtype not in (torch.float32, torch.float64) else torch.complex(cos, sin)
+            rotary = (cos, sin, turn)
         rotaries = {} if rotary is None else {rotary[0].device: rotary}  # device -> the rotary tables there
         masks = {}  # (window, device) -> the keys each query may see
         checkpoint = getattr(visitor, "checkpoint", None)
@@ -213,7 +216,7 @@ class DecoderForward:
                         enter(here)
                 if rotary is not None and rotary[0].device != here:  # (accelerate may run the rotary module elsewhere)
                     if here not in rotaries:
-                        rotaries[here] = tuple(t.to(here) for t in rotary)
+                        rotaries[here] = tuple(None if t is None else t.to(here) for t in rotary)
                     rotary = rotaries[here]
             window = (a.windows[i], here)
             if window not in masks:
@@ -457,13 +460,14 @@ class DecoderForward:
         return out.transpose(0, 1) if batch_major else out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, turn: Optional[torch.Tensor],
+            dims: int) -> torch.Tensor:
     """Rotary position embedding on the first ``dims`` of each head's dims, held in
     rotation pairs (:attr:`DecoderForward.pair_order`): each pair turned by its angle.
-    ``x [heads, b, p, dh]``, ``cos``/``sin [b | 1, p, dims / 2]``. Where nothing records
-    the forward, in place as one complex product; else out of place."""
-    if not recording() and x.dtype in (torch.float32, torch.float64):
-        torch.view_as_complex(x[..., :dims].unflatten(-1, (-1, 2))).mul_(torch.complex(cos, sin))
+    ``x [heads, b, p, dh]``, ``cos``/``sin [b | 1, p, dims / 2]``. With ``turn``
+    (``cos + i sin``), in place as one complex product; else out of place."""
+    if turn is not None:
+        torch.view_as_complex(x[..., :dims].unflatten(-1, (-1, 2))).mul_(turn)
         return x
     pairs = x[..., :dims].unflatten(-1, (-1, 2))
     first, second = pairs[..., 0], pairs[..., 1]

@@ -40,8 +40,10 @@ def group_mask(pm, state: PatchState, group) -> torch.Tensor:
         masks.append(m)
     if len(masks) == 1:
         return masks[0]
-    lead = torch.broadcast_shapes(*(m.shape[:-2] for m in masks))
-    return torch.cat([m.expand(*lead, *m.shape[-2:]) for m in masks], dim=-2)
+    if any(m.shape[:-2] != masks[0].shape[:-2] for m in masks):  # (some per row or position, some not)
+        lead = torch.broadcast_shapes(*(m.shape[:-2] for m in masks))
+        masks = [m.expand(*lead, *m.shape[-2:]) for m in masks]
+    return torch.cat(masks, dim=-2)
 
 
 def check_patch_shape(patch: torch.Tensor, out: torch.Tensor, module_name: str) -> None:
