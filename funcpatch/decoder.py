@@ -47,7 +47,7 @@ from torch import nn
 from funcpatch.arch import (DecoderArch, UnsupportedArchitecture, read_arch, resolve, transformers_model,
                             weight_refs)
 from funcpatch.devices import block_devices
-from funcpatch.scratch import recording
+from funcpatch.scratch import recording, scratch
 
 
 class DecoderForward:
@@ -62,6 +62,7 @@ class DecoderForward:
         self.arch = a = arch or read_arch(model)
         self.refs, acts, self.rotary = weight_refs(model, a)
         self.acts = [_one_kernel(m) for m in acts]
+        self.acts_in_place = [_in_place(m) for m in acts]  # or None where not known
         self.n_layers, self.n_heads, self.d_head = a.n_layers, a.n_heads, a.d_head
         self.eps = a.eps
         self.grouped_kv = grouped_kv
@@ -284,16 +285,29 @@ class DecoderForward:
         a = self.arch
         x = self.norm(w, f"{i}.ln2", x)
         flat = x.reshape(-1, x.shape[-1])
-        up = F.linear(flat, w[f"{i}.up.w"], w.get(f"{i}.up.b"))
-        if a.gated_mlp:
-            up = self.acts[i](F.linear(flat, w[f"{i}.gate.w"], w.get(f"{i}.gate.b"))) * up
+        # where nothing records the forward: the hidden layer in this thread's scratch memory,
+        # the activation in place (a fresh 1-3 MB per block made most of its page faults)
+        own = not recording()
+        act = self.acts_in_place[i] if own and self.acts_in_place[i] is not None else self.acts[i]
+        if a.gated_mlp:  # gate and up in one product
+            weight, bias = self.derived(f"gate-up {i}", [w[k] for k in (f"{i}.gate.w", f"{i}.up.w", f"{i}.gate.b",
+                                                                       f"{i}.up.b") if k in w],
+                                        lambda: self._gate_up(w, i))
+            gate, up = _linear(flat, weight, bias, "mlp hidden" if own else None).split(weight.shape[0] // 2, dim=-1)
+            gate = act(gate)
+            up = gate.mul_(up) if own else gate * up
         else:
-            up = self.acts[i](up)
+            up = act(_linear(flat, w[f"{i}.up.w"], w.get(f"{i}.up.b"), "mlp hidden" if own else None))
         out = F.linear(up, w[f"{i}.down.w"], w.get(f"{i}.down.b")).view_as(x)
         if a.post_norms:
             out = self.norm(w, f"{i}.post2", out)
         visitor.src(f"blocks.{i}.hook_mlp_out", out.unsqueeze(0))
         return out
+
+    def _gate_up(self, w, i: int):
+        """Block ``i``'s gate and up projections joined: ``[2 * d_mlp, d]`` and bias (or None)."""
+        weight = torch.cat([w[f"{i}.gate.w"], w[f"{i}.up.w"]])
+        return weight, torch.cat([w[f"{i}.gate.b"], w[f"{i}.up.b"]]) if f"{i}.gate.b" in w else None
 
     def qkv_rows(self, w: Mapping[str, torch.Tensor], i: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Block ``i``'s joined Q, K, V projection ``[(H + 2G) * dh, d]`` (as ``nn.Linear``)
@@ -449,7 +463,9 @@ class DecoderForward:
         if batch_major:
             out = torch.matmul(inputs, weight)
         else:  # head-major: one product per slot over all rows
-            out = torch.bmm(inputs.view(m, b * p, d), weight).view(m, b, p, -1)
+            # where nothing records the forward, into this thread's scratch memory (read within the block)
+            own = None if recording() else scratch("slot projections", (m, b * p, weight.shape[-1]), x)
+            out = torch.bmm(inputs.view(m, b * p, d), weight, out=own).view(m, b, p, -1)
         # in place where nothing records the forward (the product's output is not saved for backward)
         own = not recording()
         if rms:
@@ -515,6 +531,32 @@ def _one_kernel(act: nn.Module):
 
 def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def _in_place(act: nn.Module):
+    """``act`` as a function that overwrites its input, for the activations transformers'
+    families use (SiLU, exact and tanh GELU, ReLU); None for others."""
+    name = type(act).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return lambda x: F.silu(x, inplace=True)
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation") or (
+            isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return lambda x: torch.ops.aten.gelu_(x, approximate="tanh")
+    if (name == "GELUActivation" and getattr(act, "act", None) is F.gelu) or (
+            isinstance(act, nn.GELU) and act.approximate == "none"):
+        return torch.ops.aten.gelu_
+    if isinstance(act, nn.ReLU):
+        return torch.relu_
+    return None
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], slot: Optional[str]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [rows, d]``, written into this thread's scratch
+    memory ``slot`` when given (see :func:`funcpatch.scratch.scratch`)."""
+    if slot is None:
+        return F.linear(x, weight, bias)
+    out = scratch(slot, (x.shape[0], weight.shape[0]), x)
+    return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
 
 
 def _node(visitor, name: str, x: torch.Tensor) -> torch.Tensor:

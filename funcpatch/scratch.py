@@ -10,6 +10,7 @@ into tensors kept per thread instead, reused by the next call that needs the sam
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -23,17 +24,20 @@ def recording() -> bool:
 
 
 def scratch(slot: str, shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``shape`` tensor like ``like``, this thread's for ``slot`` on
-    ``like``'s device: only one live use per slot and device at a time (the next request
-    may return the same memory)."""
+    """An uninitialised contiguous ``shape`` tensor like ``like``, this thread's for
+    ``slot`` on ``like``'s device: only one live use per slot and device at a time (the
+    next request may return the same memory). A smaller request takes the front of the
+    slot's memory (the last block of a narrowed forward, a smaller graph), so alternating
+    sizes do not allocate again."""
     slots = getattr(_LOCAL, "slots", None)
     if slots is None:
         slots = _LOCAL.slots = {}
     key = (slot, like.device)  # a model over several devices uses a slot on each
     buf = slots.get(key)
-    if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype:
-        buf = slots[key] = like.new_empty(shape)
-    return buf
+    numel = math.prod(shape)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+        buf = slots[key] = like.new_empty(numel)
+    return buf[:numel].view(shape)
 
 
 def release() -> None:

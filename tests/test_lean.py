@@ -292,17 +292,27 @@ def test_resumed_forward_equals_the_whole_forward(point, keep):
 def test_scratch_is_per_thread_and_can_be_released():
     from funcpatch import scratch
     like = torch.zeros(1)
-    a = scratch.scratch("t", (4,), like)
-    assert scratch.scratch("t", (4,), like) is a  # reused by the next request of that shape
-    assert scratch.scratch("t", (5,), like) is not a
+
+    def memory(t):
+        return t.untyped_storage().data_ptr()
+
+    a = scratch.scratch("t", (2, 3), like)
+    assert a.shape == (2, 3) and a.is_contiguous()
+    assert memory(scratch.scratch("t", (2, 3), like)) == memory(a)  # reused by the next request
+    small = scratch.scratch("t", (4,), like)
+    assert small.shape == (4,) and small.data_ptr() == a.data_ptr()  # a smaller one: the front of it
+    big = scratch.scratch("t", (7,), like)
+    assert memory(big) != memory(a)  # a larger one: new memory, kept from then on
+    assert memory(scratch.scratch("t", (6,), like)) == memory(big)
     other = []
-    t = threading.Thread(target=lambda: other.append(scratch.scratch("t", (5,), like)))
+    t = threading.Thread(target=lambda: other.append(scratch.scratch("t", (7,), like)))
     t.start()
     t.join()
-    assert other[0] is not scratch.scratch("t", (5,), like)  # another thread's own
-    b = scratch.scratch("t", (5,), like)
+    assert memory(other[0]) != memory(scratch.scratch("t", (7,), like))  # another thread's own
+    assert memory(scratch.scratch("t", (7,), torch.zeros(1, dtype=torch.float64))) != memory(big)  # per dtype
+    b = scratch.scratch("t", (7,), like)
     scratch.release()
-    assert scratch.scratch("t", (5,), like) is not b
+    assert memory(scratch.scratch("t", (7,), like)) != memory(b)
 
 
 @settings(max_examples=16, deadline=None)
