@@ -283,7 +283,8 @@ class DecoderForward:
     def _mlp(self, w, i: int, x: torch.Tensor, visitor) -> torch.Tensor:
         """MLP block ``i`` on its input ``x [batch, pos, d]`` (its output goes to the visitor)."""
         a = self.arch
-        x = self.norm(w, f"{i}.ln2", x)
+        folded = a.gated_mlp and a.norm != "layer"  # the RMSNorm's scale is folded into the gate/up weights
+        x = F.rms_norm(x, x.shape[-1:], None, self.eps) if folded else self.norm(w, f"{i}.ln2", x)
         flat = x.reshape(-1, x.shape[-1])
         # where nothing records the forward: the hidden layer in this thread's scratch memory,
         # the activation in place (a fresh 1-3 MB per block made most of its page faults)
@@ -291,7 +292,7 @@ class DecoderForward:
         act = self.acts_in_place[i] if own and self.acts_in_place[i] is not None else self.acts[i]
         if a.gated_mlp:  # gate and up in one product
             weight, bias = self.derived(f"gate-up {i}", [w[k] for k in (f"{i}.gate.w", f"{i}.up.w", f"{i}.gate.b",
-                                                                       f"{i}.up.b") if k in w],
+                                                                       f"{i}.up.b", f"{i}.ln2.w") if k in w],
                                         lambda: self._gate_up(w, i))
             gate, up = _linear(flat, weight, bias, "mlp hidden" if own else None).split(weight.shape[0] // 2, dim=-1)
             gate = act(gate)
@@ -305,8 +306,9 @@ class DecoderForward:
         return out
 
     def _gate_up(self, w, i: int):
-        """Block ``i``'s gate and up projections joined: ``[2 * d_mlp, d]`` and bias (or None)."""
-        weight = torch.cat([w[f"{i}.gate.w"], w[f"{i}.up.w"]])
+        """Block ``i``'s gate and up projections joined, ``[2 * d_mlp, d]``, with the scale of
+        the RMSNorm before them folded in, and bias (or None)."""
+        weight = torch.cat([w[f"{i}.gate.w"], w[f"{i}.up.w"]]) * self.norm_gain(w, f"{i}.ln2")
         return weight, torch.cat([w[f"{i}.gate.b"], w[f"{i}.up.b"]]) if f"{i}.gate.b" in w else None
 
     def qkv_rows(self, w: Mapping[str, torch.Tensor], i: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

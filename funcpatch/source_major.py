@@ -234,6 +234,11 @@ class SrcMajorPatcher(SrcMajorRecorder):
         if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
             return None
         assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
+        if self.sums is not None and len(group) == 1 and self._summable():  # one of the running sums (see _mixed)
+            summed = self.sums.take(group[0], self.buffer)
+            if summed is not None:
+                recorded(self.pm, self.diffs, *group[0].in_srcs, group[0].module_name)  # (the check that they ran)
+                return None, torch.add(x.reshape(1, -1), summed).view((1,) + x.shape)
         mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
         if mask.shape[1] > 1:
             mask = self._positions(mask, 1)
@@ -260,6 +265,12 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 return self._mixed(group, mask, x, shared) + change
         return self._mixed(group, mask, x, shared)
 
+    def _summable(self) -> bool:
+        """Whether single-row destinations may take the running sums (:class:`_RunningSums`):
+        the differences are in one buffer on one device, every position runs, and no
+        source is post-normalized."""
+        return self.in_place and self.tail is None and self.device is None and not self.post
+
     def _mixed(self, group, mask, x, shared: int):
         """The inputs from the additive sources: ``x + mask @ diffs`` (see the class
         docstring); with per-row masks, ``shared`` consecutive rows have equal masks."""
@@ -280,7 +291,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 flat = diff.reshape(n, -1)
                 if not self.in_place:
                     return torch.addmm(x.reshape(1, -1), mask[0, 0], flat).view(-1, b, p, d)
-                if mask.shape[2] == 1 and self.tail is None and self.device is None and not self.post:
+                if mask.shape[2] == 1 and self._summable():
                     if self.sums is None:
                         self.sums = _RunningSums.plan(self, group[0], x)
                     summed = None if self.sums is None else self.sums.take(group[0], self.buffer)
