@@ -235,10 +235,10 @@ class SrcMajorPatcher(SrcMajorRecorder):
             return None
         assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
         if self.sums is not None and len(group) == 1 and self._summable():  # one of the running sums (see _mixed)
-            summed = self.sums.take(group[0], self.buffer)
-            if summed is not None:
-                recorded(self.pm, self.diffs, *group[0].in_srcs, group[0].module_name)  # (the check that they ran)
-                return None, torch.add(x.reshape(1, -1), summed).view((1,) + x.shape)
+            recorded(self.pm, self.diffs, *group[0].in_srcs, group[0].module_name)  # (the check that they ran)
+            got = self.sums.take(group[0], self.buffer, x)
+            if got is not None:
+                return None, got.view((1,) + x.shape)
         mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
         if mask.shape[1] > 1:
             mask = self._positions(mask, 1)
@@ -294,9 +294,9 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 if mask.shape[2] == 1 and self._summable():
                     if self.sums is None:
                         self.sums = _RunningSums.plan(self, group[0], x)
-                    summed = None if self.sums is None else self.sums.take(group[0], self.buffer)
-                    if summed is not None:
-                        return torch.add(x.reshape(1, -1), summed).view(1, b, p, d)
+                    got = None if self.sums is None else self.sums.take(group[0], self.buffer, x)
+                    if got is not None:
+                        return got.view(1, b, p, d)
                 # head slots are read once, right away (layer norm); a module's input may
                 # become the residual stream itself, so it gets its own tensor
                 heads = mask.shape[2]
@@ -352,9 +352,10 @@ class _RunningSums:
         sums = scratch("running sums", (len(rows), x.numel()), x)
         return cls([d.module_name for d in later], torch.stack(rows), sums)
 
-    def take(self, dest, buffer: torch.Tensor) -> Optional[torch.Tensor]:
-        """``sum_s mask[s] * diff[s]`` for destination ``dest`` (``[1, batch * pos * d]``), or
-        None when it is not one of the planned destinations still to come."""
+    def take(self, dest, buffer: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Destination ``dest``'s input ``x + sum_s mask[s] * diff[s]`` (``[1, batch * pos * d]``,
+        formed in its row of the sums, which nothing writes again this forward), or None
+        when it is not one of the planned destinations still to come."""
         if dest.module_name not in self.names[self.first:]:
             return None
         k = self.names.index(dest.module_name, self.first)
@@ -368,7 +369,7 @@ class _RunningSums:
                 self.sums[k:].addmm_(masks, new)
             self.done = hi
         self.first = k + 1
-        return self.sums[k:k + 1]
+        return self.sums[k:k + 1].add_(x.reshape(1, -1))
 
 
 def _shared_rows(mask: torch.Tensor) -> int:
