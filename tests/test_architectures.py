@@ -418,13 +418,17 @@ def test_resumed_forward_equals_the_whole_forward(name):
             if name.endswith("hook_resid_post"):
                 return (block + 1, 0) >= point
             return (block, 0 if parallel else stage) >= (point[0], 0 if parallel else point[1])
-        masks = {k: v if after(k) else torch.zeros_like(v) for k, v in state.masks.items()}
         resid, n_before = checkpoints[point]
-        whole = fp.patched_forward(pm, dataclasses.replace(state, masks=masks, patch_src_outs=state.patch_src_outs.repeat(1, 2, 1, 1)),
-                                   clean.repeat(2, 1))
-        got = pm.forward.resumed(pm, dataclasses.replace(state, masks=masks), point, resid.repeat(2, 1, 1),
-                                 src_outs[:n_before], (clean.repeat(2, 1),), {}, repeats=2)
-        assert rel(got, whole) <= 1e-5, point
+        # masks per row, with autograd; masks shared by the batch, without (the buffer and running sums)
+        for per_row, grad in ((True, True), (False, False)):
+            masks = {k: (v if per_row else v[0]) if after(k) else torch.zeros_like(v if per_row else v[0])
+                     for k, v in state.masks.items()}
+            with torch.set_grad_enabled(grad):
+                whole = fp.patched_forward(pm, dataclasses.replace(
+                    state, masks=masks, patch_src_outs=state.patch_src_outs.repeat(1, 2, 1, 1)), clean.repeat(2, 1))
+                got = pm.forward.resumed(pm, dataclasses.replace(state, masks=masks), point, resid.repeat(2, 1, 1),
+                                         src_outs[:n_before], (clean.repeat(2, 1),), {}, repeats=2)
+            assert rel(got, whole) <= 1e-5, (point, per_row)
 
 
 @pytest.fixture
