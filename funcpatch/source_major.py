@@ -244,9 +244,9 @@ class SrcMajorPatcher(SrcMajorRecorder):
             mask = self._positions(mask, 1)
         slots = None
         if sparse and self.in_place and mask.shape[-2] > 1:
-            touched = (mask != 0).flatten(0, 1).any(0).any(-1)  # [heads_total]
+            touched = mask.ne(0).any(-1)  # [batch | 1, pos | 1, heads_total]
             if not bool(touched.all()):
-                slots = touched.nonzero()[:, 0]
+                slots = touched.flatten(0, 1).any(0).nonzero()[:, 0]
                 mask = mask.index_select(-2, slots)
                 if len(slots) == 0:
                     return slots, x.new_empty((0,) + x.shape)
