@@ -466,8 +466,8 @@ class DecoderForward:
             out = torch.matmul(inputs, weight)
         else:  # head-major: one product per slot over all rows
             # where nothing records the forward, into this thread's scratch memory (read within the block)
-            own = None if recording() else scratch("slot projections", (m, b * p, weight.shape[-1]), x)
-            out = torch.bmm(inputs.view(m, b * p, d), weight, out=own).view(m, b, p, -1)
+            into = None if recording() else scratch("slot projections", (m, b * p, weight.shape[-1]), x)
+            out = torch.bmm(inputs.view(m, b * p, d), weight, out=into).view(m, b, p, -1)
         # in place where nothing records the forward (the product's output is not saved for backward)
         own = not recording()
         if rms:
