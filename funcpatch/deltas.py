@@ -31,13 +31,8 @@ def group_mask(pm, state: PatchState, group) -> torch.Tensor:
     for d in group:
         m = effective_mask(state, d.module_name)
         batched = m.dim() == len(d.mask_shape(seq_len)) + 1
-        if d.n_heads is None:
-            m = m.unsqueeze(-2)  # one "head"
-        if seq_len is None:
-            m = m.unsqueeze(-3)  # broadcast over positions
-        if not batched:
-            m = m.unsqueeze(0)  # broadcast over the batch
-        masks.append(m)
+        # (one reshape: a module without heads is one "head"; no batch or position dim broadcasts)
+        masks.append(m.reshape(m.shape[0] if batched else 1, seq_len or 1, d.n_heads or 1, m.shape[-1]))
     if len(masks) == 1:
         return masks[0]
     if any(m.shape[:-2] != masks[0].shape[:-2] for m in masks):  # (some per row or position, some not)

@@ -11,7 +11,7 @@ import torch
 
 from funcpatch.deltas import check_patch_shape, group_mask, recorded
 from funcpatch.scratch import recording, scratch
-from funcpatch.state import PatchState
+from funcpatch.state import PatchState, effective_mask
 
 
 class SrcMajorRecorder:
@@ -341,16 +341,13 @@ class _RunningSums:
         later = sorted((d for d in pm.graph.dest_modules
                         if d.n_heads is None and d.in_srcs[1] >= start.in_srcs[1] and d.in_srcs[1] > d.in_srcs[0]),
                        key=lambda d: d.in_srcs[1])
-        n_srcs = patcher.buffer.shape[0] - 1
-        rows = []
-        for d in later:
-            mask = group_mask(pm, patcher.state, [d])  # [batch | 1, pos | 1, 1, n_in]
-            if mask.shape[0] != 1 or mask.shape[1] != 1:
-                return None
-            lo, hi = d.in_srcs
-            rows.append(torch.nn.functional.pad(mask[0, 0, 0], (lo, n_srcs - hi)))
-        sums = scratch("running sums", (len(rows), x.numel()), x)
-        return cls([d.module_name for d in later], torch.stack(rows), sums)
+        masks = [effective_mask(patcher.state, d.module_name) for d in later]
+        if any(m.dim() != 1 for m in masks):  # [n_in] unless per row or per position
+            return None
+        rows = masks[0].new_zeros(len(later), patcher.buffer.shape[0] - 1)
+        for k, (d, m) in enumerate(zip(later, masks)):
+            rows[k, d.in_srcs[0]:d.in_srcs[1]] = m
+        return cls([d.module_name for d in later], rows, scratch("running sums", (len(later), x.numel()), x))
 
     def take(self, dest, buffer: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Destination ``dest``'s input ``x + sum_s mask[s] * diff[s]`` (``[1, batch * pos * d]``,
