@@ -342,8 +342,8 @@ class _RunningSums:
                         if d.n_heads is None and d.in_srcs[1] >= start.in_srcs[1] and d.in_srcs[1] > d.in_srcs[0]),
                        key=lambda d: d.in_srcs[1])
         masks = [effective_mask(patcher.state, d.module_name) for d in later]
-        if any(m.dim() != 1 for m in masks):  # [n_in] unless per row or per position
-            return None
+        if not masks or any(m.dim() != 1 for m in masks):  # [n_in] unless per row or per position
+            return None  # (none: `start` has heads, one head in all)
         rows = masks[0].new_zeros(len(later), patcher.buffer.shape[0] - 1)
         for k, (d, m) in enumerate(zip(later, masks)):
             rows[k, d.in_srcs[0]:d.in_srcs[1]] = m

@@ -151,6 +151,22 @@ def test_no_grad_forward_equals_the_autograd_forward_on_random_masks(name, group
         assert rel(fast, hf(clean).logits) > 1e-3  # the masks matter
 
 
+@pytest.mark.parametrize("separate_qkv", [True, False])
+def test_one_head_per_layer_no_grad_equals_autograd(separate_qkv):
+    """A group of one head has one row, like an MLP input, but is not one of the running
+    sums (those are the destinations without heads): it takes the plain product."""
+    torch.manual_seed(3)
+    hf = T.LlamaForCausalLM(T.LlamaConfig(**{**COMMON, "num_attention_heads": 1, "num_key_value_heads": 1})).eval()
+    clean, corrupt = toks(12), toks(13)
+    pm = fp.patchable(hf, separate_qkv=separate_qkv)
+    state = _random_masks(fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, corrupt)),
+                          torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        fast = fp.patched_forward(pm, state, clean)
+    assert rel(fast, fp.patched_forward(pm, state, clean)) <= 1e-5
+    assert rel(fast, hf(clean).logits) > 1e-3
+
+
 def test_weights_changed_between_no_grad_calls_are_used():
     """The weight layouts a no-grad forward reuses across calls are rebuilt when a weight
     they come from changes: in place (an optimizer step, load_state_dict) or replaced
