@@ -359,7 +359,6 @@ class DecoderForward:
         if qkv is not None:
             n_k = self.n_kv_slots
         else:
-            qkv = None
             x = visitor.dest([pre + "hook_attn_in"], resid)  # [H, b, p, d]: Q, K and V share a head's copy
             if x is not None:
                 if G != H:
@@ -453,6 +452,7 @@ class DecoderForward:
         passes torch's RMSNorm makes on a CPU)."""
         m, b, p, d = x.shape
         rms = self.arch.norm != "layer"
+        own = not recording()  # intermediates in scratch memory and products in place (nothing saves them)
         batch_major = not x.is_contiguous()
         if batch_major:
             x = x.transpose(0, 1)  # [b, m, p, d], contiguous underneath
@@ -465,11 +465,9 @@ class DecoderForward:
         if batch_major:
             out = torch.matmul(inputs, weight)
         else:  # head-major: one product per slot over all rows
-            # where nothing records the forward, into this thread's scratch memory (read within the block)
-            into = None if recording() else scratch("slot projections", (m, b * p, weight.shape[-1]), x)
+            # into this thread's scratch memory: read within the block
+            into = scratch("slot projections", (m, b * p, weight.shape[-1]), x) if own else None
             out = torch.bmm(inputs.view(m, b * p, d), weight, out=into).view(m, b, p, -1)
-        # in place where nothing records the forward (the product's output is not saved for backward)
-        own = not recording()
         if rms:
             out = out.mul_(rstd) if own else out * rstd
         if bias is not None:

@@ -117,7 +117,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.in_place = not recording()
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         self.post: Dict[str, Tuple[torch.Tensor, object]] = {}  # post-normalized heads: (their sum, the norm)
-        self.sums: Optional[_RunningSums] = None  # single-input destinations' sums, see _RunningSums
+        self.sums: Optional[_RunningSums] = None  # single-row destinations' sums (planned at the first one)
         if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
             if before.device != self.patch.device:  # over several devices: joined where they were recorded
                 self.device = before.device
@@ -234,11 +234,10 @@ class SrcMajorPatcher(SrcMajorRecorder):
         if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
             return None
         assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
-        if self.sums is not None and len(group) == 1 and self._summable():  # one of the running sums (see _mixed)
-            recorded(self.pm, self.diffs, *group[0].in_srcs, group[0].module_name)  # (the check that they ran)
-            got = self.sums.take(group[0], self.buffer, x)
+        if len(group) == 1 and group[0].n_heads is None and self._summable():
+            got = self._running_sum(group[0], x)
             if got is not None:
-                return None, got.view((1,) + x.shape)
+                return None, got
         mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
         if mask.shape[1] > 1:
             mask = self._positions(mask, 1)
@@ -264,6 +263,16 @@ class SrcMajorPatcher(SrcMajorRecorder):
             if change is not None:
                 return self._mixed(group, mask, x, shared) + change
         return self._mixed(group, mask, x, shared)
+
+    def _running_sum(self, dest, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Destination ``dest``'s input ``[1, batch, pos, d]`` from the running sums
+        (:class:`_RunningSums`, planned at the first single-row destination of the forward),
+        or None where they do not serve it (masks per row or per position)."""
+        recorded(self.pm, self.diffs, *dest.in_srcs, dest.module_name)  # (the check that they ran)
+        if self.sums is None:
+            self.sums = _RunningSums.plan(self, dest, x)
+        got = self.sums.take(dest, self.buffer, x)
+        return None if got is None else got.view((1,) + x.shape)
 
     def _summable(self) -> bool:
         """Whether single-row destinations may take the running sums (:class:`_RunningSums`):
@@ -291,12 +300,6 @@ class SrcMajorPatcher(SrcMajorRecorder):
                 flat = diff.reshape(n, -1)
                 if not self.in_place:
                     return torch.addmm(x.reshape(1, -1), mask[0, 0], flat).view(-1, b, p, d)
-                if mask.shape[2] == 1 and self._summable():
-                    if self.sums is None:
-                        self.sums = _RunningSums.plan(self, group[0], x)
-                    got = None if self.sums is None else self.sums.take(group[0], self.buffer, x)
-                    if got is not None:
-                        return got.view(1, b, p, d)
                 # head slots are read once, right away (layer norm); a module's input may
                 # become the residual stream itself, so it gets its own tensor
                 heads = mask.shape[2]
@@ -334,16 +337,16 @@ class _RunningSums:
         self.first = 0
 
     @classmethod
-    def plan(cls, patcher: "SrcMajorPatcher", start, x: torch.Tensor) -> Optional["_RunningSums"]:
-        """The single-row destinations from ``start`` on, or None where one has masks per
-        row or per position (those take the plain product)."""
+    def plan(cls, patcher: "SrcMajorPatcher", start, x: torch.Tensor) -> "_RunningSums":
+        """The sums of the single-row destinations from ``start`` (one of them) on; none
+        where one of them has masks per row or per position (all take the plain product)."""
         pm = patcher.pm
         later = sorted((d for d in pm.graph.dest_modules
                         if d.n_heads is None and d.in_srcs[1] >= start.in_srcs[1] and d.in_srcs[1] > d.in_srcs[0]),
                        key=lambda d: d.in_srcs[1])
         masks = [effective_mask(patcher.state, d.module_name) for d in later]
-        if not masks or any(m.dim() != 1 for m in masks):  # [n_in] unless per row or per position
-            return None  # (none: `start` has heads, one head in all)
+        if any(m.dim() != 1 for m in masks):  # [n_in] unless per row or per position
+            return cls([], None, None)
         rows = masks[0].new_zeros(len(later), patcher.buffer.shape[0] - 1)
         for k, (d, m) in enumerate(zip(later, masks)):
             rows[k, d.in_srcs[0]:d.in_srcs[1]] = m
