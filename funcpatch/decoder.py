@@ -46,6 +46,7 @@ from torch import nn
 
 from funcpatch.arch import (DecoderArch, UnsupportedArchitecture, read_arch, resolve, transformers_model,
                             weight_refs)
+from funcpatch import kernels
 from funcpatch.devices import block_devices
 from funcpatch.scratch import recording, scratch
 
@@ -333,7 +334,11 @@ class DecoderForward:
     def _patched_slots(self, w, i: int, resid: torch.Tensor, visitor) -> Optional[torch.Tensor]:
         """Block ``i``'s Q/K/V slots ``[slots, b, p, dh]`` from their patched inputs, or None
         when the graph has no Q/K/V destinations."""
-        got = visitor.dest_slots([f"blocks.{i}.hook_{n}_input" for n in "qkv"], resid)
+        names = [f"blocks.{i}.hook_{n}_input" for n in "qkv"]
+        fused = self._fused_slots(w, i, resid, visitor, names)
+        if fused is not None:
+            return fused
+        got = visitor.dest_slots(names, resid)
         if got is None:
             return None
         w_in, b_slots = self._slot_projection(w, i)  # [slots, d, dh], [slots, 1, dh]
@@ -346,6 +351,29 @@ class DecoderForward:
             qkv = qkv.index_copy(0, slots, self._project(w, ln, x, w_in[slots],
                                                          None if b_slots is None else b_slots[slots]))
         return qkv
+
+    def _fused_slots(self, w, i: int, resid: torch.Tensor, visitor, names) -> Optional[torch.Tensor]:
+        """:meth:`_patched_slots` by the compiled kernel (:func:`funcpatch.kernels.slot_projection`:
+        inputs mixed, RMS-normed and projected tile by tile, never stored whole), where it
+        applies: an RMS norm before the heads, float32 on the CPU, nothing recording, a
+        small model, and inputs the visitor gives as one product; else None."""
+        if (self.arch.norm == "layer" or resid.dtype != torch.float32 or resid.device.type != "cpu" or recording()
+                or not kernels.enabled()):
+            return None
+        w_in, b_slots = self._slot_projection(w, i)  # [slots, d, dh], [slots, 1, dh]
+        if not kernels.fits(*w_in.shape):
+            return None
+        terms = visitor.slot_terms(names, resid)
+        if terms is None:
+            return None
+        rows, mix = terms
+        b, p, _ = resid.shape
+        out = scratch("slot projections", (w_in.shape[0], b * p, w_in.shape[-1]), resid)
+        if not kernels.slot_projection(rows, mix, w_in, self.eps, out):
+            return None  # (no library: the plain path forms the inputs again, from the same buffer)
+        if b_slots is not None:
+            out.add_(b_slots)
+        return out.view(w_in.shape[0], b, p, -1)
 
     def _attention(self, w, i: int, resid: torch.Tensor, visitor, allowed, rotary, tail: int = 0) -> torch.Tensor:
         """Attention block ``i``'s output ``[batch, pos, d]`` (per-head results go to the
@@ -424,7 +452,8 @@ class DecoderForward:
         def make():
             weight, bias = self.slot_weights(w, i)
             weight = weight.transpose(1, 2)
-            return (weight * self.norm_gain(w, ln)[:, None] if rms else weight), bias
+            # (contiguous: the compiled kernel takes it so)
+            return (weight * self.norm_gain(w, ln)[:, None] if rms else weight).contiguous(), bias
 
         return self.derived(f"slots {i}", self._qkv_sources(w, i) + ([w[ln + ".w"]] if rms else []), make)
 

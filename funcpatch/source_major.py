@@ -23,6 +23,8 @@ class SrcMajorRecorder:
     - ``dest(names, x [batch, pos, d]) -> [heads_total, batch, pos, d] | None``: the
       patched inputs of destination modules reading the residual ``x`` (None: unpatched);
     - ``dest_slots(names, x)``: the same, possibly for the patched head slots only;
+    - ``slot_terms(names, x) -> (rows, mix) | None``: the same inputs as ``mix @ rows``,
+      for a kernel that forms them itself (None: take ``dest_slots``);
     - ``narrow(k) -> bool``: whether the rest of the forward may run on the last ``k``
       positions only;
     - ``enter(device)``: a model over several devices (:mod:`funcpatch.devices`) goes on
@@ -80,6 +82,9 @@ class SrcMajorRecorder:
         return False  # records every position
 
     def dest_slots(self, names, x: torch.Tensor, sparse: bool = True):
+        return None
+
+    def slot_terms(self, names, x: torch.Tensor):
         return None
 
     def stacked(self) -> torch.Tensor:
@@ -234,7 +239,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
             return None
         assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
-        if len(group) == 1 and group[0].n_heads is None and self._summable():
+        if len(group) == 1 and group[0].n_heads is None and self._one_product():
             got = self._running_sum(group[0], x)
             if got is not None:
                 return None, got
@@ -274,11 +279,38 @@ class SrcMajorPatcher(SrcMajorRecorder):
         got = self.sums.take(dest, self.buffer, x)
         return None if got is None else got.view((1,) + x.shape)
 
-    def _summable(self) -> bool:
-        """Whether single-row destinations may take the running sums (:class:`_RunningSums`):
-        the differences are in one buffer on one device, every position runs, and no
-        source is post-normalized."""
+    def _one_product(self) -> bool:
+        """Whether a destination's inputs may be read as one product over the buffer (the
+        running sums, :class:`_RunningSums`; :meth:`slot_terms`): the differences are in
+        one buffer on one device, every position runs, and no source is post-normalized."""
         return self.in_place and self.tail is None and self.device is None and not self.post
+
+    def _with_residual(self, lo: int, hi: int, mask: torch.Tensor, x: torch.Tensor):
+        """The differences ``[lo, hi)`` and the residual ``x`` after them, ``[n_in + 1, batch,
+        pos, d]`` in the buffer, and ``mask [..., n_in]`` with a last column of ones: the
+        residual joins the differences as one more "source" with weight 1, so a product
+        needs no separate add (its slot is free: that source runs later)."""
+        self._positions(self.buffer[hi], 1).copy_(x)
+        return (self._positions(self.buffer[lo:hi + 1]),
+                torch.cat([mask, mask.new_ones(mask.shape[:-1] + (1,))], dim=-1))
+
+    def slot_terms(self, names, x: torch.Tensor):
+        """The destinations ``names``' patched inputs as two factors, for a kernel that forms
+        them itself (:func:`funcpatch.kernels.slot_projection`): ``(rows [n_in + 1, batch *
+        pos * d], mix [heads_total, n_in + 1])`` with inputs ``mix @ rows`` (the residual ``x``
+        is the last row). None where they are not one product over the buffer (see
+        :meth:`_one_product`), the masks differ by row or position, or some head slots are
+        unpatched (:meth:`dest_slots` then projects only the others)."""
+        group = [self.dest_modules[n] for n in names if n in self.dest_modules]
+        if not group or group[0].in_srcs[1] == group[0].in_srcs[0] or not self._one_product():
+            return None
+        mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
+        if mask.shape[:2] != (1, 1) or not bool(mask.ne(0).any(-1).all()):
+            return None
+        lo, hi = group[0].in_srcs
+        recorded(self.pm, self.diffs, lo, hi, group[0].module_name)  # (the check that they ran)
+        rows, mix = self._with_residual(lo, hi, mask[0, 0], x)
+        return rows.view(rows.shape[0], -1), mix
 
     def _mixed(self, group, mask, x, shared: int):
         """The inputs from the additive sources: ``x + mask @ diffs`` (see the class
@@ -286,11 +318,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         lo, hi = group[0].in_srcs
         chunks = recorded(self.pm, self.diffs, lo, hi, group[0].module_name)
         if self.in_place:
-            # The residual joins the differences as one more "source" with weight 1, so the
-            # product needs no separate add; its slot is free (that source runs later).
-            self._positions(self.buffer[hi], 1).copy_(x)
-            diff = self._positions(self.buffer[lo:hi + 1])  # [n_in + 1, batch, pos, d]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[:-1] + (1,))], dim=-1)
+            diff, mask = self._with_residual(lo, hi, mask, x)
         else:
             chunks = [self._positions(c) for c in chunks]
             diff = torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # [n_in, batch, pos, d]

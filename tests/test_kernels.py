@@ -1,0 +1,184 @@
+"""The compiled CPU kernel of funcpatch's own no-grad forward (funcpatch.kernels): its
+values against plain torch, its use in the forward, its off switch, and its build
+(cached, atomic, and a failure that falls back to the plain path)."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import funcpatch as fp
+from funcpatch import kernels
+from conftest import has_hooked
+
+needs_library = pytest.mark.skipif(not kernels.status().startswith("loaded"), reason=f"kernels: {kernels.status()}")
+
+
+def reference(rows, mix, weight, eps):
+    """The slots' inputs formed whole, RMS-normed and projected, in float64."""
+    n_slots, d, d_head = weight.shape
+    x = (mix.double() @ rows.double()).view(n_slots, -1, d)
+    return (x @ weight.double()) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@needs_library
+@settings(max_examples=40, deadline=None)
+@given(n_rows=st.integers(1, 9), n_slots=st.integers(1, 7), d=st.sampled_from([4, 8, 24, 40]),
+       d_head=st.sampled_from([1, 4, 8]), tokens=st.integers(1, 150), pad=st.integers(0, 3),
+       eps=st.sampled_from([1e-6, 1e-2]), seed=st.integers(0, 2 ** 16))
+def test_slot_projection_equals_inputs_formed_whole(n_rows, n_slots, d, d_head, tokens, pad, eps, seed):
+    """Any sizes, tokens not a multiple of the tile, rows strided (views into a wider buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(n_rows, (tokens + pad) * d, generator=g)
+    rows = wide[:, :tokens * d]
+    mix, weight = torch.randn(n_slots, n_rows, generator=g), torch.randn(n_slots, d, d_head, generator=g)
+    out = torch.full((n_slots, tokens, d_head), float("nan"))
+    assert kernels.slot_projection(rows, mix, weight, eps, out)
+    want = reference(rows, mix, weight, eps)
+    assert torch.allclose(out.double(), want, rtol=1e-4, atol=1e-5), (out.double() - want).abs().max()
+
+
+@needs_library
+def test_slot_projection_gives_the_same_bits_with_any_number_of_threads():
+    g = torch.Generator().manual_seed(1)
+    rows, mix, weight = torch.randn(5, 300 * 32, generator=g), torch.randn(6, 5, generator=g), torch.randn(6, 32, 8, generator=g)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.empty(6, 300, 8)
+            assert kernels.slot_projection(rows, mix, weight, 1e-5, out)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_slot_projection_refuses_misshapen_or_other_dtypes():
+    rows, mix, weight, out = torch.randn(3, 5 * 8), torch.randn(2, 3), torch.randn(2, 8, 4), torch.empty(2, 5, 4)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        kernels.slot_projection(rows.double(), mix, weight, 1e-6, out)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.slot_projection(rows, mix[:, :2], weight, 1e-6, out)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.slot_projection(rows, mix, weight.transpose(1, 2).contiguous().transpose(1, 2), 1e-6, out)
+
+
+def test_too_large_a_layer_is_left_to_the_plain_path():
+    """Slot weights read for every tile must stay in cache: a layer past that is refused
+    before the kernel runs (False, nothing written)."""
+    assert kernels.fits(24, 256, 32)
+    assert not kernels.fits(96, 4096, 128)  # Llama-3.1-8B's per-query-head slots
+    out = torch.full((96, 2, 128), 7.0)
+    assert not kernels.slot_projection(torch.zeros(3, 2 * 4096), torch.zeros(96, 3), torch.zeros(96, 4096, 128), 1e-6, out)
+    assert bool((out == 7.0).all())
+
+
+def test_off_switch_skips_the_library(monkeypatch):
+    monkeypatch.setenv("FUNCPATCH_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_load", lambda: pytest.fail("the library was asked for"))
+    assert kernels.status() == "off: FUNCPATCH_KERNELS=0"
+    out = torch.full((2, 5, 4), 7.0)
+    assert not kernels.slot_projection(torch.randn(3, 5 * 8), torch.randn(2, 3), torch.randn(2, 8, 4), 1e-6, out)
+    assert bool((out == 7.0).all())
+
+
+arch_only = pytest.mark.skipif(has_hooked(), reason="architecture matrix: TransformerLens 4 environment only")
+
+
+@arch_only
+@needs_library
+@pytest.mark.parametrize("name", ["llama3-gqa", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_patched_forward_with_the_kernel_equals_it_without(name, grouped, monkeypatch):
+    """Biases (Llama-3, Qwen2), q/k norms (Qwen3), windows (Mistral), both graph forms:
+    the kernel serves every layer's Q/K/V slots and the logits stay those of the plain path."""
+    from test_architectures import _random_masks, model, rel, toks
+    hf = model(name)
+    pm = fp.patchable(hf, grouped_kv=grouped)
+    state = _random_masks(fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, toks(9))),
+                          torch.Generator().manual_seed(4))
+    calls = []
+    real = kernels.slot_projection
+    monkeypatch.setattr(kernels, "slot_projection", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = fp.patched_forward(pm, state, toks(8))
+        assert len(calls) == hf.config.num_hidden_layers
+        monkeypatch.setenv("FUNCPATCH_KERNELS", "0")
+        plain = fp.patched_forward(pm, state, toks(8))
+    assert len(calls) == hf.config.num_hidden_layers
+    assert rel(fused, plain) <= 1e-6
+    assert rel(fused, hf(toks(8)).logits) > 1e-3  # the masks matter
+
+
+def _fresh_build(monkeypatch, tmp_path, cc=None):
+    """The kernels as in a new process, building into ``tmp_path`` (with compiler ``cc``)."""
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setenv("FUNCPATCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("FUNCPATCH_KERNELS", raising=False)
+    if cc is not None:
+        monkeypatch.setenv("CC", cc)
+
+
+def test_a_failed_build_warns_once_leaves_nothing_and_the_forward_goes_on(monkeypatch, tmp_path):
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: no such luck' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    _fresh_build(monkeypatch, tmp_path, str(failing))
+    out = torch.full((2, 5, 4), 7.0)
+    args = (torch.randn(3, 5 * 8), torch.randn(2, 3), torch.randn(2, 8, 4), 1e-6, out)
+    with pytest.warns(RuntimeWarning, match="exited with 3: cc: no such luck"):
+        assert not kernels.slot_projection(*args)
+    assert kernels.status().startswith("unavailable:") and "exited with 3" in kernels.status()
+    assert bool((out == 7.0).all())
+    assert os.listdir(tmp_path / "kernels") == []  # no temporary file, no library
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        assert not kernels.slot_projection(*args)
+
+
+@needs_library
+def test_an_interrupted_build_leaves_nothing_and_is_tried_again(monkeypatch, tmp_path):
+    _fresh_build(monkeypatch, tmp_path)
+    real = subprocess.run
+
+    def interrupted(cmd, *a, **k):
+        if "-shared" in cmd:
+            raise KeyboardInterrupt
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(kernels.subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kernels.status()
+    assert os.listdir(tmp_path / "kernels") == []
+    assert kernels._library is None  # not marked unavailable: the next call builds
+    monkeypatch.setattr(kernels.subprocess, "run", real)
+    assert kernels.status().startswith("loaded")
+
+
+@needs_library
+def test_a_built_library_is_reused_by_later_processes(monkeypatch, tmp_path):
+    _fresh_build(monkeypatch, tmp_path)
+    assert kernels.status().startswith("loaded")
+    built = os.listdir(tmp_path / "kernels")
+    assert len(built) == 1 and built[0].startswith("slot_projection-") and built[0].endswith(".so")
+    monkeypatch.setattr(kernels, "_library", None)  # a new process: only the cache is left
+    compiled = []
+    real = subprocess.run
+    monkeypatch.setattr(kernels.subprocess, "run", lambda cmd, *a, **k: compiled.append(cmd) or real(cmd, *a, **k))
+    assert kernels.status() == f"loaded: {tmp_path / 'kernels' / built[0]}"
+    assert not any("-shared" in c for c in compiled)
+
+
+@pytest.mark.skipif(not (kernels.platform.system() == "Linux" and torch.backends.mkl.is_available()
+                         and (os.environ.get("CC") or kernels.shutil.which("cc") or kernels.shutil.which("gcc"))),
+                    reason="no C compiler, or not Linux with MKL: the plain path serves")
+def test_the_library_builds_and_passes_its_check_where_a_compiler_is():
+    """Where the kernels can be built they must be (a kernel that fails its load-time check
+    would otherwise only make the other tests here skip)."""
+    assert kernels.status().startswith("loaded"), kernels.status()
