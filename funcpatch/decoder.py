@@ -358,7 +358,7 @@ class DecoderForward:
         applies: an RMS norm before the heads, float32 on the CPU, nothing recording, a
         small model, and inputs the visitor gives as one product; else None."""
         if (self.arch.norm == "layer" or resid.dtype != torch.float32 or resid.device.type != "cpu" or recording()
-                or not kernels.enabled()):
+                or not kernels.available()):
             return None
         w_in, b_slots = self._slot_projection(w, i)  # [slots, d, dh], [slots, 1, dh]
         if not kernels.fits(*w_in.shape):
@@ -370,7 +370,7 @@ class DecoderForward:
         b, p, _ = resid.shape
         out = scratch("slot projections", (w_in.shape[0], b * p, w_in.shape[-1]), resid)
         if not kernels.slot_projection(rows, mix, w_in, self.eps, out):
-            return None  # (no library: the plain path forms the inputs again, from the same buffer)
+            return None  # (sizes past 32-bit BLAS: the plain path forms the inputs again, from the same buffer)
         if b_slots is not None:
             out.add_(b_slots)
         return out.view(w_in.shape[0], b, p, -1)

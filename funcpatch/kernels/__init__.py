@@ -49,6 +49,11 @@ def enabled() -> bool:
     return os.environ.get("FUNCPATCH_KERNELS", "1") != "0"
 
 
+def available() -> bool:
+    """Whether the kernels are on and their library is loaded (built now if not yet tried)."""
+    return enabled() and isinstance(_load(), ctypes.CDLL)
+
+
 def status() -> str:
     """``"loaded: PATH"``, ``"off: ..."`` or ``"unavailable: REASON"`` (builds if not yet tried)."""
     if not enabled():
