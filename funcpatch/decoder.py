@@ -153,7 +153,8 @@ class DecoderForward:
 
         ``visitor`` sees the nodes in source-major layout: ``visitor.src(hook, out)``
         with ``out [k, batch, pos, d]`` (k heads, or 1), or, for the heads' outputs,
-        ``visitor.src_product(hook, z, w, shape)`` with ``out = bmm(z, w).view(shape)``;
+        ``visitor.src_product(hook, z, w, shape)`` with ``out = bmm(z, w).view(shape)`` (which
+        may return the heads' sum, the attention output before its bias);
         and ``visitor.dest(hooks, x)`` with the residual ``x [batch, pos, d]`` read by destinations ``hooks``, which
         returns their patched inputs ``[slots, batch, pos, d]`` or None (unpatched).
         A visitor with ``checkpoint(point, resid)`` also sees the residual at each point
@@ -419,10 +420,16 @@ class DecoderForward:
         rows = tail if tail and visitor.narrow(tail) else p  # query positions computed
         z = _attend(q[:, :, p - rows:], k, v, allowed[..., p - rows:, :], a.scales[i], a.softcap)
         # the heads' outputs z_h @ W_O[h] go to the visitor as a product it may fuse (a
-        # patcher wants only patch - out); their sum is the model's own output projection
-        visitor.src_product(pre + "attn.hook_result", z.reshape(H, b * rows, dh), w[f"{i}.o.w"].t().view(H, dh, d),
-                            (H, b, rows, d))
-        out = F.linear(z.permute(1, 2, 0, 3).reshape(b, rows, H * dh), w[f"{i}.o.w"], w.get(f"{i}.o.b"))
+        # patcher wants only patch - out); their sum is the model's own output projection,
+        # unless the visitor formed it on the way
+        summed = visitor.src_product(pre + "attn.hook_result", z.reshape(H, b * rows, dh),
+                                     w[f"{i}.o.w"].t().view(H, dh, d), (H, b, rows, d))
+        if summed is not None:
+            out = summed.view(b, rows, d)
+            if f"{i}.o.b" in w:
+                out = out + w[f"{i}.o.b"]
+        else:
+            out = F.linear(z.permute(1, 2, 0, 3).reshape(b, rows, H * dh), w[f"{i}.o.w"], w.get(f"{i}.o.b"))
         if a.post_norms:
             normed = self.norm(w, f"{i}.post1", out)
             tell = getattr(visitor, "post_norm", None)

@@ -9,6 +9,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from funcpatch import kernels
 from funcpatch.deltas import check_patch_shape, group_mask, recorded
 from funcpatch.scratch import recording, scratch
 from funcpatch.state import PatchState, effective_mask
@@ -20,6 +21,8 @@ class SrcMajorRecorder:
     The protocol, in source-major layout:
 
     - ``src(name, out [k, batch, pos, d])``: a source module's output (k heads, or 1);
+    - ``src_product(name, z, w, shape) -> summed | None``: heads' outputs given as the
+      product ``bmm(z, w)``; returns their sum over heads where it formed it;
     - ``dest(names, x [batch, pos, d]) -> [heads_total, batch, pos, d] | None``: the
       patched inputs of destination modules reading the residual ``x`` (None: unpatched);
     - ``dest_slots(names, x)``: the same, possibly for the patched head slots only;
@@ -52,18 +55,20 @@ class SrcMajorRecorder:
         into = self._joined_rows(src, out.shape, out)
         self.outs[name] = out if into is None else into.copy_(out)
 
-    def src_product(self, name: str, z: torch.Tensor, w: torch.Tensor, shape) -> None:
+    def src_product(self, name: str, z: torch.Tensor, w: torch.Tensor, shape) -> Optional[torch.Tensor]:
         """A source whose output is the per-head product ``bmm(z, w).view(shape)``:
-        ``z [k, rows, d_head]``, ``w [k, d_head, d]``, ``shape (k, batch, pos, d)``."""
+        ``z [k, rows, d_head]``, ``w [k, d_head, d]``, ``shape (k, batch, pos, d)``.
+        Returns the heads' sum ``[rows, d]`` where it was formed on the way, else None."""
         src = self.src_modules.get(name)
         if src is None:
-            return
+            return None
         into = self._joined_rows(src, shape, z)
         if into is None:
             self.src(name, torch.bmm(z, w).view(shape))
         else:  # the product written in place: no heads' tensor to copy
             torch.bmm(z, w, out=into.view(z.shape[0], z.shape[1], w.shape[-1]))
             self.outs[name] = into
+        return None
 
     def _joined_rows(self, src, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
         """Where source ``src``'s output (``shape``; dtype and device of ``like``) is
@@ -157,10 +162,12 @@ class SrcMajorPatcher(SrcMajorRecorder):
 
     def src_product(self, name, z, w, shape):
         """``patch - bmm(z, w)`` in one product, never forming the heads' outputs (when
-        the patch values have the whole batch and nothing is narrowed or repeated)."""
+        the patch values have the whole batch and nothing is narrowed or repeated); on
+        the CPU without autograd by the compiled kernel, which also returns the heads'
+        sum (:func:`funcpatch.kernels.head_outputs`)."""
         src = self.src_modules.get(name)
         if src is None:
-            return
+            return None
         lo, hi = src.srcs
         patch = self.patch[lo:hi]
         if self.device is not None:
@@ -168,12 +175,16 @@ class SrcMajorPatcher(SrcMajorRecorder):
         if self.repeats != 1 or self.tail is not None or patch.shape[1:] != shape[1:]:
             return self.src(name, torch.bmm(z, w).view(shape))
         patch = patch.reshape(z.shape[:2] + patch.shape[-1:])
+        summed = None
         if self.in_place:
             into = self._buffer(shape[1], shape[2:], z)[lo:hi].view_as(patch)
-            diff = torch.baddbmm(patch, z, w, alpha=-1, out=into)
+            if self.device is None and z.device.type == "cpu" and z.dtype == torch.float32 and patch.is_contiguous():
+                summed = kernels.head_outputs(patch, z.contiguous(), w, into)
+            diff = into if summed is not None else torch.baddbmm(patch, z, w, alpha=-1, out=into)
         else:
             diff = torch.baddbmm(patch, z, w, alpha=-1)
         self.diffs[name] = diff.view(hi - lo, shape[1], *shape[2:])
+        return summed
 
     def post_norm(self, name: str, summed: torch.Tensor, norm) -> None:
         """Source ``name``'s heads are normalized after they are summed (Gemma-2): a

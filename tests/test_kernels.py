@@ -1,5 +1,5 @@
-"""The compiled CPU kernel of funcpatch's own no-grad forward (funcpatch.kernels): its
-values against plain torch, its use in the forward, its off switch, and its build
+"""The compiled CPU kernels of funcpatch's own no-grad forward (funcpatch.kernels): their
+values against plain torch, their use in the forward, the off switch, and the build
 (cached, atomic, and a failure that falls back to the plain path)."""
 
 import os
@@ -58,6 +58,38 @@ def test_slot_projection_gives_the_same_bits_with_any_number_of_threads():
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@needs_library
+@settings(max_examples=40, deadline=None)
+@given(heads=st.integers(1, 6), rows=st.integers(1, 300), d_head=st.sampled_from([1, 4, 8]), d=st.sampled_from([4, 24, 40]),
+       transposed=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+def test_head_outputs_equal_the_products_formed_whole(heads, rows, d_head, d, transposed, threads, seed):
+    """W_O as the model holds it (a transposed view) or contiguous; rows not a multiple of the tile."""
+    g = torch.Generator().manual_seed(seed)
+    patch, z = torch.randn(heads, rows, d, generator=g), torch.randn(heads, rows, d_head, generator=g)
+    w = (torch.randn(d, heads * d_head, generator=g).t().view(heads, d_head, d) if transposed
+         else torch.randn(heads, d_head, d, generator=g))
+    diff = torch.full_like(patch, float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        summed = kernels.head_outputs(patch, z, w, diff)
+    finally:
+        torch.set_num_threads(before)
+    products = torch.bmm(z.double(), w.double())
+    assert torch.allclose(diff.double(), patch.double() - products, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(summed.double(), products.sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_head_outputs_refuse_misshapen_inputs():
+    patch, z, w, diff = torch.randn(2, 5, 8), torch.randn(2, 5, 4), torch.randn(2, 4, 8), torch.empty(2, 5, 8)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        kernels.head_outputs(patch, z.double(), w, diff)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.head_outputs(patch, z[:, :4], w, diff)
+    with pytest.raises(ValueError, match="unit stride"):
+        kernels.head_outputs(patch, z, torch.randn(2, 8, 4, 2)[..., 0].transpose(1, 2), diff)
+
+
 def test_slot_projection_refuses_misshapen_or_other_dtypes():
     rows, mix, weight, out = torch.randn(3, 5 * 8), torch.randn(2, 3), torch.randn(2, 8, 4), torch.empty(2, 5, 4)
     with pytest.raises(ValueError, match="float32 CPU"):
@@ -81,9 +113,11 @@ def test_too_large_a_layer_is_left_to_the_plain_path():
 def test_off_switch_skips_the_library(monkeypatch):
     monkeypatch.setenv("FUNCPATCH_KERNELS", "0")
     monkeypatch.setattr(kernels, "_load", lambda: pytest.fail("the library was asked for"))
-    assert kernels.status() == "off: FUNCPATCH_KERNELS=0"
+    assert kernels.status() == "off: FUNCPATCH_KERNELS=0" and not kernels.available()
     out = torch.full((2, 5, 4), 7.0)
     assert not kernels.slot_projection(torch.randn(3, 5 * 8), torch.randn(2, 3), torch.randn(2, 8, 4), 1e-6, out)
+    assert kernels.head_outputs(torch.randn(2, 5, 8), torch.randn(2, 5, 4), torch.randn(2, 4, 8), out.view(2, 5, 4)
+                                .new_full((2, 5, 8), 7.0)) is None
     assert bool((out == 7.0).all())
 
 
@@ -96,21 +130,23 @@ arch_only = pytest.mark.skipif(has_hooked(), reason="architecture matrix: Transf
 @pytest.mark.parametrize("grouped", [False, True])
 def test_patched_forward_with_the_kernel_equals_it_without(name, grouped, monkeypatch):
     """Biases (Llama-3, Qwen2), q/k norms (Qwen3), windows (Mistral), both graph forms:
-    the kernel serves every layer's Q/K/V slots and the logits stay those of the plain path."""
+    the kernels serve every layer's Q/K/V slots and heads' outputs, and the logits stay
+    those of the plain path."""
     from test_architectures import _random_masks, model, rel, toks
     hf = model(name)
     pm = fp.patchable(hf, grouped_kv=grouped)
     state = _random_masks(fp.patch_mode(pm, fp.init_state(pm), fp.src_ablations(pm, toks(9))),
                           torch.Generator().manual_seed(4))
     calls = []
-    real = kernels.slot_projection
-    monkeypatch.setattr(kernels, "slot_projection", lambda *a: calls.append(1) or real(*a))
+    for fn in ("slot_projection", "head_outputs"):
+        real = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, fn=fn, real=real: calls.append(fn) or real(*a))
     with torch.no_grad():
         fused = fp.patched_forward(pm, state, toks(8))
-        assert len(calls) == hf.config.num_hidden_layers
+        assert sorted(calls) == ["head_outputs", "slot_projection"] * hf.config.num_hidden_layers or (
+            sorted(calls) == sorted(["head_outputs", "slot_projection"] * hf.config.num_hidden_layers)), calls
         monkeypatch.setenv("FUNCPATCH_KERNELS", "0")
         plain = fp.patched_forward(pm, state, toks(8))
-    assert len(calls) == hf.config.num_hidden_layers
     assert rel(fused, plain) <= 1e-6
     assert rel(fused, hf(toks(8)).logits) > 1e-3  # the masks matter
 
@@ -166,7 +202,7 @@ def test_a_built_library_is_reused_by_later_processes(monkeypatch, tmp_path):
     _fresh_build(monkeypatch, tmp_path)
     assert kernels.status().startswith("loaded")
     built = os.listdir(tmp_path / "kernels")
-    assert len(built) == 1 and built[0].startswith("slot_projection-") and built[0].endswith(".so")
+    assert len(built) == 1 and built[0].startswith("kernels-") and built[0].endswith(".so")
     monkeypatch.setattr(kernels, "_library", None)  # a new process: only the cache is left
     compiled = []
     real = subprocess.run

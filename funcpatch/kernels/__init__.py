@@ -1,13 +1,16 @@
 """Compiled CPU kernels for funcpatch's own forward when nothing records it (no autograd,
-no torch.func transform), built on first use.
+no torch.func transform), built on first use (``kernels.c``):
 
-One kernel today, :func:`slot_projection`: a layer's Q/K/V slot inputs mixed from the
-source differences, RMS-normed and projected, tile by tile of tokens, so that the
-``[slots, tokens, d]`` inputs never go to memory (``slot_projection.c``). On the Llama
-benchmark of ``benchmarks/architectures.py`` it takes ~1.4 ms off a ~30 ms per-query-head
-patched forward. It serves small models on CPU (each layer's slot weights must fit in a
-core's cache, :func:`fits`); other calls take the plain path, which gives the same
-values up to float rounding.
+- :func:`slot_projection`: a layer's Q/K/V slot inputs mixed from the source
+  differences, RMS-normed and projected, tile by tile of tokens, so that the ``[slots,
+  tokens, d]`` inputs never go to memory. It serves small models (each layer's slot
+  weights must fit in a core's cache, :func:`fits`).
+- :func:`head_outputs`: the heads' differences ``patch - z W_O`` and the attention
+  output (their products summed) from one product per head, tile by tile of rows.
+
+On the Llama benchmark of ``benchmarks/architectures.py`` the two take ~2.5 ms off a
+~29 ms per-query-head patched forward. Calls they do not serve take the plain path,
+which gives the same values up to float rounding.
 
 Global state, per process: the loaded library, or the reason there is none
 (:func:`status`). The library is compiled once per machine with the C compiler ``CC``
@@ -34,7 +37,7 @@ from typing import Optional, Union
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(__file__), "slot_projection.c")
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 TILE_BYTES = 384 << 10  # one tile's mixed inputs, per thread: within a core's L2 with the weights
 WEIGHT_BYTES = 1 << 20  # a layer's slot weights, read for every tile: kept in cache
@@ -69,7 +72,10 @@ def fits(n_slots: int, d: int, d_head: int) -> bool:
 
 
 def _tile(n_slots: int, d: int) -> int:
-    return min(64, TILE_BYTES // (n_slots * d * 4))
+    """Tokens per tile: at most 16 (measured on the Llama benchmark, both graph forms:
+    8 and 32 are 0.2-1.1 ms slower per forward), fewer where the slots' inputs would
+    pass :data:`TILE_BYTES`."""
+    return min(16, TILE_BYTES // (n_slots * d * 4))
 
 
 def slot_projection(rows: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -105,6 +111,49 @@ def slot_projection(rows: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor,
     if code != 0:
         raise MemoryError("slot_projection could not allocate its per-thread buffers")
     return True
+
+
+def head_outputs(patch: torch.Tensor, z: torch.Tensor, w: torch.Tensor, diff: torch.Tensor) -> Optional[torch.Tensor]:
+    """``diff[h] = patch[h] - z[h] @ w[h]`` written in place, and the heads' sum
+    ``sum_h z[h] @ w[h]`` returned ``[rows, d]``; None, writing nothing, when the kernels
+    are off or unavailable.
+
+    ``patch``/``diff [heads, rows, d]`` and ``z [heads, rows, d_head]`` contiguous, ``w [heads,
+    d_head, d]`` with a unit stride in one of its last two dims (the model's ``W_O`` as
+    ``o_proj.weight.t().view(heads, d_head, d)`` has one); float32 on the CPU."""
+    if not enabled():
+        return None
+    n_heads, rows, d = patch.shape
+    d_head = z.shape[-1]
+    tensors = {"patch": patch, "z": z, "w": w, "diff": diff}
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors.values()):
+        raise ValueError("head_outputs takes float32 CPU tensors; got "
+                         + ", ".join(f"{k} {t.dtype} on {t.device}" for k, t in tensors.items()))
+    # each w[h] as BLAS takes it: one of its strides 1, the other at least that dim (a dim
+    # of size 1 may have any stride)
+    w_k, w_j = (1 if d_head == 1 else w.stride(1)), (1 if d == 1 else w.stride(2))
+    blas = (w_k == 1 and w_j >= d_head) or (w_j == 1 and w_k >= d)
+    if (tuple(z.shape) != (n_heads, rows, d_head) or tuple(w.shape) != (n_heads, d_head, d)
+            or tuple(diff.shape) != (n_heads, rows, d) or not blas
+            or not (patch.is_contiguous() and z.is_contiguous() and diff.is_contiguous())):
+        raise ValueError(f"head_outputs: patch {tuple(patch.shape)}, z {tuple(z.shape)}, w {tuple(w.shape)} (stride "
+                         f"{w.stride()}), diff {tuple(diff.shape)} do not fit: want patch and diff [heads, rows, d], "
+                         "z [heads, rows, d_head], contiguous, and w [heads, d_head, d] with a unit stride in its "
+                         "last two dims")
+    if max(w_k, w_j) > _INT_MAX:
+        return None
+    lib = _load()
+    if not isinstance(lib, ctypes.CDLL):
+        return None
+    threads = torch.get_num_threads()
+    # a tile per thread, its product within a core's L2
+    tile = max(1, min(-(-rows // threads), max(16, (256 << 10) // (4 * d))))
+    summed = patch.new_empty((rows, d))
+    code = lib.funcpatch_head_outputs(patch.data_ptr(), z.data_ptr(), w.data_ptr(), w.stride(0), w_k,
+                                      w_j, n_heads, rows, d_head, d, tile, threads, diff.data_ptr(), summed.data_ptr())
+    if code != 0:
+        raise MemoryError("head_outputs could not allocate its per-thread buffers")
+    return summed
 
 
 def _load() -> Union[ctypes.CDLL, str]:
@@ -150,12 +199,12 @@ def _build() -> str:
                                      torch.__version__.encode(), torch_lib.encode(), _cpu().encode()])).hexdigest()[:16]
     root = os.path.join(os.environ.get("FUNCPATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "funcpatch"),
                         "kernels")
-    path = os.path.join(root, f"slot_projection-{key}.so")
+    path = os.path.join(root, f"kernels-{key}.so")
     if os.path.exists(path):
         return path
     try:
         os.makedirs(root, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"slot_projection-{key}.", suffix=".tmp", dir=root)
+        fd, tmp = tempfile.mkstemp(prefix=f"kernels-{key}.", suffix=".tmp", dir=root)
         os.close(fd)
     except OSError as e:
         raise _Unavailable(f"cannot write to the kernel cache {root}: {e} (set FUNCPATCH_CACHE)") from None
@@ -197,14 +246,27 @@ def _open(path: str) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int,
                    ctypes.c_void_p]
+    heads = lib.funcpatch_head_outputs
+    heads.restype = ctypes.c_int
+    heads.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     g = torch.Generator().manual_seed(0)
     rows, mix = torch.randn(3, 7 * 8, generator=g), torch.randn(5, 3, generator=g)
     weight, out = torch.randn(5, 8, 4, generator=g), torch.empty(5, 7, 4)
-    if fn(rows.data_ptr(), rows.stride(0), 3, mix.data_ptr(), 5, weight.data_ptr(), 8, 4, 7, 1e-6, 4, 2,
-          out.data_ptr()) != 0:
+    patch, z, w_o = torch.randn(3, 7, 8, generator=g), torch.randn(3, 7, 4, generator=g), torch.randn(8, 12, generator=g)
+    w = w_o.t().view(3, 4, 8)  # (the layout the forward passes: a unit stride in d_head)
+    diff, summed = torch.empty(3, 7, 8), torch.empty(7, 8)
+    if (fn(rows.data_ptr(), rows.stride(0), 3, mix.data_ptr(), 5, weight.data_ptr(), 8, 4, 7, 1e-6, 4, 2,
+           out.data_ptr()) != 0
+            or heads(patch.data_ptr(), z.data_ptr(), w.data_ptr(), w.stride(0), w.stride(1), w.stride(2), 3, 7, 4, 8, 3,
+                     2, diff.data_ptr(), summed.data_ptr()) != 0):
         raise _Unavailable(f"{path} failed its check")
     x = (mix @ rows).view(5, 7, 8)
-    want = torch.bmm(x, weight) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-    if not torch.allclose(out, want, rtol=1e-4, atol=1e-5):
-        raise _Unavailable(f"{path} gives wrong values (max error {(out - want).abs().max().item():.2e})")
+    products = torch.bmm(z, w)
+    checks = [(out, torch.bmm(x, weight) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
+              (diff, patch - products), (summed, products.sum(0))]
+    for got, want in checks:
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            raise _Unavailable(f"{path} gives wrong values (max error {(got - want).abs().max().item():.2e})")
     return lib
