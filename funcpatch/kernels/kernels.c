@@ -18,6 +18,19 @@ void sgemm_(const char *transa, const char *transb, const int *m, const int *n, 
 
 static int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
+/* Room for n_threads buffers of per_thread floats (a multiple of 16: each 64-byte aligned). */
+static float *thread_buffers(int64_t per_thread, int n_threads) {
+    return aligned_alloc(64, (size_t)round_up(per_thread * n_threads * (int64_t)sizeof(float), 64));
+}
+
+static int this_thread(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 /* A layer's Q/K/V slots from their patched inputs, in one pass over tiles of tokens.
 
    For every slot s and token t, with x = sum_r mix[s, r] * rows[r, t, :] (the slot's
@@ -35,15 +48,11 @@ int funcpatch_slot_projection(const float *rows, int64_t row_stride, int n_rows,
     const int64_t n_tiles = (n_tokens + tile - 1) / tile;
     const int64_t per_thread = round_up((int64_t)n_slots * tile * d + tile, 16); /* inputs, then 1 / rms */
     if (n_threads < 1) n_threads = 1;
-    float *buffers = aligned_alloc(64, (size_t)round_up(per_thread * n_threads * sizeof(float), 64));
+    float *buffers = thread_buffers(per_thread, n_threads);
     if (buffers == NULL) return -1;
 #pragma omp parallel num_threads(n_threads)
     {
-        int me = 0;
-#ifdef _OPENMP
-        me = omp_get_thread_num();
-#endif
-        float *x = buffers + per_thread * me;
+        float *x = buffers + per_thread * this_thread();
         float *rstd = x + (int64_t)n_slots * tile * d;
         const float one = 1.0f, zero = 0.0f;
 #pragma omp for schedule(static)
@@ -93,16 +102,13 @@ int funcpatch_head_outputs(const float *patch, const float *z, const float *w, i
     const int64_t n_tiles = (n_rows + tile - 1) / tile;
     const char *trans = w_k == 1 ? "T" : "N";
     const int ld = (int)(w_k == 1 ? w_j : w_k);
+    const int64_t per_thread = round_up((int64_t)tile * d, 16); /* one head's product */
     if (n_threads < 1) n_threads = 1;
-    float *buffers = aligned_alloc(64, (size_t)round_up((int64_t)n_threads * tile * d * sizeof(float), 64));
+    float *buffers = thread_buffers(per_thread, n_threads);
     if (buffers == NULL) return -1;
 #pragma omp parallel num_threads(n_threads)
     {
-        int me = 0;
-#ifdef _OPENMP
-        me = omp_get_thread_num();
-#endif
-        float *product = buffers + (int64_t)me * tile * d;
+        float *product = buffers + per_thread * this_thread();
         const float one = 1.0f, zero = 0.0f;
 #pragma omp for schedule(static)
         for (int64_t ti = 0; ti < n_tiles; ++ti) {
