@@ -365,7 +365,7 @@ class DecoderForward:
         if not kernels.fits(*w_in.shape):
             return None
         terms = visitor.slot_terms(names, resid)
-        if terms is None:
+        if terms is None or terms[1].dtype != torch.float32:  # (other mask dtypes: the plain path says what is wrong)
             return None
         rows, mix = terms
         b, p, _ = resid.shape

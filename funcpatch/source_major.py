@@ -178,7 +178,8 @@ class SrcMajorPatcher(SrcMajorRecorder):
         summed = None
         if self.in_place:
             into = self._buffer(shape[1], shape[2:], z)[lo:hi].view_as(patch)
-            if self.device is None and z.device.type == "cpu" and z.dtype == torch.float32 and patch.is_contiguous():
+            if (self.device is None and z.device.type == "cpu" and z.dtype == patch.dtype == torch.float32
+                    and patch.is_contiguous()):
                 summed = kernels.head_outputs(patch, z.contiguous(), w, into)
             diff = into if summed is not None else torch.baddbmm(patch, z, w, alpha=-1, out=into)
         else:
