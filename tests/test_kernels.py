@@ -121,6 +121,12 @@ def test_off_switch_skips_the_library(monkeypatch):
     assert bool((out == 7.0).all())
 
 
+def test_switch_values_other_than_0_or_1_are_refused(monkeypatch):
+    monkeypatch.setenv("FUNCPATCH_KERNELS", "off")
+    with pytest.raises(ValueError, match="FUNCPATCH_KERNELS must be 0 .off. or 1 .on, the default., got 'off'"):
+        kernels.enabled()
+
+
 arch_only = pytest.mark.skipif(has_hooked(), reason="architecture matrix: TransformerLens 4 environment only")
 
 

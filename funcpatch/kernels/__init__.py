@@ -48,8 +48,12 @@ _library: Union[None, ctypes.CDLL, str] = None  # the library, or why there is n
 
 
 def enabled() -> bool:
-    """Whether the kernels may be used (``FUNCPATCH_KERNELS`` is not ``0``)."""
-    return os.environ.get("FUNCPATCH_KERNELS", "1") != "0"
+    """Whether the kernels may be used: ``FUNCPATCH_KERNELS`` unset or ``1``; ``0`` turns
+    them off (any other value is an error, not a guess)."""
+    value = os.environ.get("FUNCPATCH_KERNELS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FUNCPATCH_KERNELS must be 0 (off) or 1 (on, the default), got {value!r}")
+    return value == "1"
 
 
 def available() -> bool:
