@@ -19,7 +19,8 @@ Global state, per process: the loaded library, or the reason there is none
 by the source, flags, compiler, CPU and torch build. It is written to a temporary file
 and renamed into place, so a build that fails or is interrupted leaves nothing a later
 load would use. Without a compiler, or with ``FUNCPATCH_KERNELS=0`` (read at every
-call), the forward takes its plain path; a failed build says why once, as a warning.
+call), the forward takes its plain path; why a build failed is logged once (logger
+``funcpatch.kernels``, INFO) and kept in :func:`status`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import logging
 import threading
-import warnings
 from typing import Optional, Union
 
 import torch
@@ -43,6 +44,7 @@ TILE_BYTES = 384 << 10  # one tile's mixed inputs, per thread: within a core's L
 WEIGHT_BYTES = 1 << 20  # a layer's slot weights, read for every tile: kept in cache
 _INT_MAX = 2 ** 31 - 1  # MKL's sgemm takes 32-bit sizes
 
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _library: Union[None, ctypes.CDLL, str] = None  # the library, or why there is none (once tried)
 
@@ -169,9 +171,9 @@ def _load() -> Union[ctypes.CDLL, str]:
                 _library = _open(_build())
             except _Unavailable as e:
                 _library = str(e)
-                warnings.warn(f"funcpatch: compiled CPU kernels unavailable ({e}); funcpatch's own forward takes its "
-                              "plain path (same results, slower). Set FUNCPATCH_KERNELS=0 to not try.", RuntimeWarning,
-                              stacklevel=4)
+                # not a warning: results are the same, and notebooks and the CLI keep a clean stderr
+                _log.info("compiled CPU kernels unavailable (%s); funcpatch's own forward takes its plain path "
+                          "(same results, slower). Set FUNCPATCH_KERNELS=0 to not try.", e)
         return _library
 
 
