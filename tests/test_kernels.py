@@ -42,20 +42,23 @@ def test_slot_projection_equals_inputs_formed_whole(n_rows, n_slots, d, d_head, 
 
 
 @needs_library
-def test_slot_projection_gives_the_same_bits_with_any_number_of_threads():
+def test_the_kernels_give_the_same_bits_with_any_number_of_threads():
     g = torch.Generator().manual_seed(1)
     rows, mix, weight = torch.randn(5, 300 * 32, generator=g), torch.randn(6, 5, generator=g), torch.randn(6, 32, 8, generator=g)
+    # (d_model 256: tiles of 256 rows, so 700 rows make three)
+    patch, z, w = torch.randn(3, 700, 256, generator=g), torch.randn(3, 700, 8, generator=g), torch.randn(256, 24, generator=g)
     outs = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            out = torch.empty(6, 300, 8)
+            out, diff = torch.empty(6, 300, 8), torch.empty(3, 700, 256)
             assert kernels.slot_projection(rows, mix, weight, 1e-5, out)
-            outs.append(out)
+            summed = kernels.head_outputs(patch, z, w.t().view(3, 8, 256), diff)
+            outs.append((out, diff, summed))
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert all(torch.equal(a, b) for other in outs[1:] for a, b in zip(outs[0], other))
 
 
 @needs_library

@@ -151,12 +151,13 @@ def head_outputs(patch: torch.Tensor, z: torch.Tensor, w: torch.Tensor, diff: to
     lib = _load()
     if not isinstance(lib, ctypes.CDLL):
         return None
-    threads = torch.get_num_threads()
-    # a tile per thread, its product within a core's L2
-    tile = max(1, min(-(-rows // threads), max(16, (256 << 10) // (4 * d))))
+    # rows per tile: one head's product within a core's L2 (not by thread count: the same
+    # tiles, and bits, with any number of threads)
+    tile = max(16, (256 << 10) // (4 * d))
     summed = patch.new_empty((rows, d))
-    code = lib.funcpatch_head_outputs(patch.data_ptr(), z.data_ptr(), w.data_ptr(), w.stride(0), w_k,
-                                      w_j, n_heads, rows, d_head, d, tile, threads, diff.data_ptr(), summed.data_ptr())
+    code = lib.funcpatch_head_outputs(patch.data_ptr(), z.data_ptr(), w.data_ptr(), w.stride(0), w_k, w_j, n_heads,
+                                      rows, d_head, d, tile, torch.get_num_threads(), diff.data_ptr(),
+                                      summed.data_ptr())
     if code != 0:
         raise MemoryError("head_outputs could not allocate its per-thread buffers")
     return summed
