@@ -83,6 +83,16 @@ def test_head_outputs_equal_the_products_formed_whole(heads, rows, d_head, d, tr
     assert torch.allclose(summed.double(), products.sum(0), rtol=1e-4, atol=1e-5)
 
 
+@needs_library
+def test_slot_projection_takes_one_row_whatever_its_stride():
+    """A single row's stride is arbitrary (torch may give 1): BLAS is given a valid one."""
+    g = torch.Generator().manual_seed(2)
+    row = torch.randn(5 * 8, generator=g).as_strided((1, 5 * 8), (1, 1))
+    mix, weight, out = torch.randn(3, 1, generator=g), torch.randn(3, 8, 4, generator=g), torch.empty(3, 5, 4)
+    assert kernels.slot_projection(row, mix, weight, 1e-6, out)
+    assert torch.allclose(out.double(), reference(row, mix, weight, 1e-6), rtol=1e-4, atol=1e-5)
+
+
 def test_head_outputs_refuse_misshapen_inputs():
     patch, z, w, diff = torch.randn(2, 5, 8), torch.randn(2, 5, 4), torch.randn(2, 4, 8), torch.empty(2, 5, 8)
     with pytest.raises(ValueError, match="float32 CPU"):
@@ -101,6 +111,8 @@ def test_slot_projection_refuses_misshapen_or_other_dtypes():
         kernels.slot_projection(rows, mix[:, :2], weight, 1e-6, out)
     with pytest.raises(ValueError, match="do not fit"):
         kernels.slot_projection(rows, mix, weight.transpose(1, 2).contiguous().transpose(1, 2), 1e-6, out)
+    with pytest.raises(ValueError, match="rows not overlapping"):
+        kernels.slot_projection(rows.flatten()[:5 * 8 + 2].as_strided((3, 5 * 8), (1, 1)), mix, weight, 1e-6, out)
 
 
 def test_too_large_a_layer_is_left_to_the_plain_path():

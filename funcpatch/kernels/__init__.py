@@ -106,12 +106,16 @@ def slot_projection(rows: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor,
                          f"weight {tuple(weight.shape)}, out {tuple(out.shape)} do not fit: want rows [n_rows, tokens * d] "
                          "with unit column stride, mix [slots, n_rows], weight [slots, d, d_head], out [slots, tokens, "
                          "d_head], the last three contiguous")
-    if max(rows.stride(0), tokens * d, n_rows) > _INT_MAX:
+    ld_rows = rows.stride(0) if n_rows > 1 else tokens * d  # (a dim of size 1 may have any stride)
+    if min(n_rows, n_slots, d, d_head) < 1 or ld_rows < tokens * d:
+        raise ValueError(f"slot_projection: rows {tuple(rows.shape)} (stride {rows.stride()}), mix {tuple(mix.shape)}, "
+                         f"weight {tuple(weight.shape)}: want at least one row, slot and feature, rows not overlapping")
+    if max(ld_rows, tokens * d, n_rows) > _INT_MAX:
         return False
     lib = _load()
     if not isinstance(lib, ctypes.CDLL):
         return False
-    code = lib.funcpatch_slot_projection(rows.data_ptr(), rows.stride(0), n_rows, mix.data_ptr(), n_slots,
+    code = lib.funcpatch_slot_projection(rows.data_ptr(), ld_rows, n_rows, mix.data_ptr(), n_slots,
                                          weight.data_ptr(), d, d_head, tokens, eps, _tile(n_slots, d),
                                          torch.get_num_threads(), out.data_ptr())
     if code != 0:
@@ -146,6 +150,9 @@ def head_outputs(patch: torch.Tensor, z: torch.Tensor, w: torch.Tensor, diff: to
                          f"{w.stride()}), diff {tuple(diff.shape)} do not fit: want patch and diff [heads, rows, d], "
                          "z [heads, rows, d_head], contiguous, and w [heads, d_head, d] with a unit stride in its "
                          "last two dims")
+    if min(n_heads, d, d_head) < 1:
+        raise ValueError(f"head_outputs: patch {tuple(patch.shape)}, z {tuple(z.shape)}: want at least one head, "
+                         "feature and head feature")
     if max(w_k, w_j) > _INT_MAX:
         return None
     lib = _load()
