@@ -8,7 +8,11 @@ layer, one batched matmul for their projections, one for the per-head results. A
 node hook point the activation goes to the call's visitor by TransformerLens hook name,
 in source-major layout (``[heads, batch, pos, d]``; the visitors that patch and record
 are in :mod:`funcpatch.source_major`). It can also resume from a checkpoint of a clean
-forward and compute only the last positions of the last block (ACDC uses both).
+forward and compute only the last positions of the last block (ACDC uses both). Where
+nothing records the forward, on float32 CPU tensors, compiled kernels
+(:mod:`funcpatch.kernels`) fuse a layer's slot-input mixing, norm and projection, and
+the heads' differences with the attention output; elsewhere the same values come from
+plain torch.
 
 Grouped-query attention: Q/K/V destinations come in *slots*. The per-query-head graph
 (the default, MIB's) has ``3 * n_heads`` slots per layer: query head ``h``'s K and V slots
