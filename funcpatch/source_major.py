@@ -128,6 +128,7 @@ class SrcMajorPatcher(SrcMajorRecorder):
         self.tail: Optional[int] = None  # after narrow(k): only the last k positions
         self.post: Dict[str, Tuple[torch.Tensor, object]] = {}  # post-normalized heads: (their sum, the norm)
         self.sums: Optional[_RunningSums] = None  # single-row destinations' sums (planned at the first one)
+        self.group_masks: Dict[Tuple[str, ...], torch.Tensor] = {}  # destination group -> its joined masks (_mask)
         if before is not None:  # a resumed forward: the first sources ran in an earlier one (once per repeat)
             if before.device != self.patch.device:  # over several devices: joined where they were recorded
                 self.device = before.device
@@ -247,15 +248,14 @@ class SrcMajorPatcher(SrcMajorRecorder):
         head slot. Otherwise (``sparse``, when nothing records the forward and some slots'
         masks are 0 in every row) ``inputs [len(slots), ...]`` holds only the slots whose
         masks are not: the others read ``x`` itself."""
-        group = [self.dest_modules[n] for n in names if n in self.dest_modules]
-        if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
+        group = self._group(names)
+        if group is None:
             return None
-        assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
         if len(group) == 1 and group[0].n_heads is None and self._one_product():
             got = self._running_sum(group[0], x)
             if got is not None:
                 return None, got
-        mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
+        mask = self._mask(names, group)  # [batch | 1, pos | 1, heads_total, n_in]
         if mask.shape[1] > 1:
             mask = self._positions(mask, 1)
         slots = None
@@ -272,6 +272,23 @@ class SrcMajorPatcher(SrcMajorRecorder):
             mask = mask.to(self.device)
             slots = None if slots is None else slots.to(self.device)
         return slots, self._inputs(group, mask, x, shared)
+
+    def _group(self, names):
+        """The destination modules among ``names`` (they read one set of sources), or None
+        when there are none or they read no source."""
+        group = [self.dest_modules[n] for n in names if n in self.dest_modules]
+        if not group or group[0].in_srcs[1] == group[0].in_srcs[0]:
+            return None
+        assert all(d.in_srcs == group[0].in_srcs for d in group), "a destination group reads one set of sources"
+        return group
+
+    def _mask(self, names, group) -> torch.Tensor:
+        """``group``'s joined masks (:func:`funcpatch.deltas.group_mask`), made once per
+        forward: :meth:`slot_terms` and, where it declines, :meth:`dest_slots` both read them."""
+        key = tuple(names)
+        if key not in self.group_masks:
+            self.group_masks[key] = group_mask(self.pm, self.state, group)
+        return self.group_masks[key]
 
     def _inputs(self, group, mask, x, shared: int):
         lo, hi = group[0].in_srcs
@@ -313,10 +330,10 @@ class SrcMajorPatcher(SrcMajorRecorder):
         is the last row). None where they are not one product over the buffer (see
         :meth:`_one_product`), the masks differ by row or position, or some head slots are
         unpatched (:meth:`dest_slots` then projects only the others)."""
-        group = [self.dest_modules[n] for n in names if n in self.dest_modules]
-        if not group or group[0].in_srcs[1] == group[0].in_srcs[0] or not self._one_product():
+        group = self._group(names)
+        if group is None or not self._one_product():
             return None
-        mask = group_mask(self.pm, self.state, group)  # [batch | 1, pos | 1, heads_total, n_in]
+        mask = self._mask(names, group)  # [batch | 1, pos | 1, heads_total, n_in]
         if mask.shape[:2] != (1, 1) or not bool(mask.ne(0).any(-1).all()):
             return None
         lo, hi = group[0].in_srcs
