@@ -96,16 +96,14 @@ def slot_projection(rows: torch.Tensor, mix: torch.Tensor, weight: torch.Tensor,
     if not (enabled() and fits(n_slots, d, d_head)):
         return False
     n_rows, tokens = rows.shape[0], out.shape[1]
-    tensors = {"rows": rows, "mix": mix, "weight": weight, "out": out}
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors.values()):
-        raise ValueError("slot_projection takes float32 CPU tensors; got "
-                         + ", ".join(f"{k} {t.dtype} on {t.device}" for k, t in tensors.items()))
-    if (rows.shape[1] != tokens * d or tuple(mix.shape) != (n_slots, n_rows) or tuple(out.shape) != (n_slots, tokens, d_head)
-            or rows.stride(1) != 1 or not (mix.is_contiguous() and weight.is_contiguous() and out.is_contiguous())):
+    _check_float32_cpu("slot_projection", rows=rows, mix=mix, weight=weight, out=out)
+    if (rows.shape[1] != tokens * d or tuple(mix.shape) != (n_slots, n_rows)
+            or tuple(out.shape) != (n_slots, tokens, d_head) or rows.stride(1) != 1
+            or not (mix.is_contiguous() and weight.is_contiguous() and out.is_contiguous())):
         raise ValueError(f"slot_projection: rows {tuple(rows.shape)} (stride {rows.stride()}), mix {tuple(mix.shape)}, "
-                         f"weight {tuple(weight.shape)}, out {tuple(out.shape)} do not fit: want rows [n_rows, tokens * d] "
-                         "with unit column stride, mix [slots, n_rows], weight [slots, d, d_head], out [slots, tokens, "
-                         "d_head], the last three contiguous")
+                         f"weight {tuple(weight.shape)}, out {tuple(out.shape)} do not fit: want rows [n_rows, "
+                         "tokens * d] with unit column stride, mix [slots, n_rows], weight [slots, d, d_head], "
+                         "out [slots, tokens, d_head], the last three contiguous")
     ld_rows = rows.stride(0) if n_rows > 1 else tokens * d  # (a dim of size 1 may have any stride)
     if min(n_rows, n_slots, d, d_head) < 1 or ld_rows < tokens * d:
         raise ValueError(f"slot_projection: rows {tuple(rows.shape)} (stride {rows.stride()}), mix {tuple(mix.shape)}, "
@@ -135,10 +133,7 @@ def head_outputs(patch: torch.Tensor, z: torch.Tensor, w: torch.Tensor, diff: to
         return None
     n_heads, rows, d = patch.shape
     d_head = z.shape[-1]
-    tensors = {"patch": patch, "z": z, "w": w, "diff": diff}
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors.values()):
-        raise ValueError("head_outputs takes float32 CPU tensors; got "
-                         + ", ".join(f"{k} {t.dtype} on {t.device}" for k, t in tensors.items()))
+    _check_float32_cpu("head_outputs", patch=patch, z=z, w=w, diff=diff)
     # each w[h] as BLAS takes it: one of its strides 1, the other at least that dim (a dim
     # of size 1 may have any stride)
     w_k, w_j = (1 if d_head == 1 else w.stride(1)), (1 if d == 1 else w.stride(2))
@@ -168,6 +163,12 @@ def head_outputs(patch: torch.Tensor, z: torch.Tensor, w: torch.Tensor, diff: to
     if code != 0:
         raise MemoryError("head_outputs could not allocate its per-thread buffers")
     return summed
+
+
+def _check_float32_cpu(kernel: str, **tensors: torch.Tensor) -> None:
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors.values()):
+        raise ValueError(f"{kernel} takes float32 CPU tensors; got "
+                         + ", ".join(f"{k} {t.dtype} on {t.device}" for k, t in tensors.items()))
 
 
 def _load() -> Union[ctypes.CDLL, str]:
@@ -211,8 +212,8 @@ def _build() -> str:
         source = f.read()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), version.encode(),
                                      torch.__version__.encode(), torch_lib.encode(), _cpu().encode()])).hexdigest()[:16]
-    root = os.path.join(os.environ.get("FUNCPATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "funcpatch"),
-                        "kernels")
+    cache = os.environ.get("FUNCPATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "funcpatch")
+    root = os.path.join(cache, "kernels")
     path = os.path.join(root, f"kernels-{key}.so")
     if os.path.exists(path):
         return path
@@ -268,7 +269,8 @@ def _open(path: str) -> ctypes.CDLL:
     g = torch.Generator().manual_seed(0)
     rows, mix = torch.randn(3, 7 * 8, generator=g), torch.randn(5, 3, generator=g)
     weight, out = torch.randn(5, 8, 4, generator=g), torch.empty(5, 7, 4)
-    patch, z, w_o = torch.randn(3, 7, 8, generator=g), torch.randn(3, 7, 4, generator=g), torch.randn(8, 12, generator=g)
+    patch, z = torch.randn(3, 7, 8, generator=g), torch.randn(3, 7, 4, generator=g)
+    w_o = torch.randn(8, 12, generator=g)
     w = w_o.t().view(3, 4, 8)  # (the layout the forward passes: a unit stride in d_head)
     diff, summed = torch.empty(3, 7, 8), torch.empty(7, 8)
     if (fn(rows.data_ptr(), rows.stride(0), 3, mix.data_ptr(), 5, weight.data_ptr(), 8, 4, 7, 1e-6, 4, 2,
